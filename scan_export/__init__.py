@@ -1,0 +1,17 @@
+"""scan_export: Mamba-family selective scans and models, exported to ONNX as Loops over chunks.
+
+Data flows one way: reference (eager torch, the truth) -> onnx (export) -> runtime (onnxruntime,
+no torch). `import scan_export` is light; the drop-in ops load torch on first use.
+"""
+
+__version__ = "0.1.0"
+_LAZY = {"selective_scan_fn": ".onnx.ops"}
+__all__ = ["selective_scan_fn"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'scan_export' has no attribute {name!r}")

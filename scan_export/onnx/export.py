@@ -1,0 +1,96 @@
+"""PyTorch -> ONNX mechanics: dynamo export, lowering of our custom nodes, target pinning, atomic save."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from .lowering.graph_builder import GraphBuilder
+from .lowering.selective_scan import SelectiveScanConfig, emit_selective_scan
+from .ops import ONNX_DOMAIN, SCAN_INPUTS, onnx_translation_table
+from .targets import DEFAULT_TARGET, MIN_OPSET, resolve_target
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def lower_custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace each scan_export.SelectiveScan node with its Loop-over-chunks graph, in place."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    graph = model.graph
+    new_nodes = []
+    for k, node in enumerate(graph.node):
+        if node.domain != ONNX_DOMAIN:
+            new_nodes.append(node)
+            continue
+        if node.op_type != "SelectiveScan":
+            raise ValueError(f"unknown {ONNX_DOMAIN} node {node.op_type!r}")
+        if opset < MIN_OPSET:
+            raise ValueError(f"the selective scan lowering needs opset >= {MIN_OPSET}, the model has {opset}")
+        a = _attrs(node)
+        cfg = SelectiveScanConfig(
+            io_dtype=a["io_dtype"], bc_layout=a["bc_layout"].decode() if isinstance(a["bc_layout"], bytes) else a["bc_layout"],
+            delta_softplus=bool(a["delta_softplus"]), chunk_size=a["chunk_size"],
+        )
+        names = dict(zip(SCAN_INPUTS, [i or None for i in node.input]))
+        gb = GraphBuilder(f"selective_scan_{k}")
+        out, last_state = emit_selective_scan(gb, cfg, **names)
+        # Route the lowering's results to the names the rest of the graph already uses.
+        gb.nodes.append(helper.make_node("Identity", [out], [node.output[0]], name=gb.name("out")))
+        if len(node.output) > 1 and node.output[1]:
+            gb.nodes.append(helper.make_node("Identity", [last_state], [node.output[1]], name=gb.name("last_state")))
+        new_nodes.extend(gb.nodes)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    kept = [o for o in model.opset_import if o.domain != ONNX_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, check: bool = True) -> Path:
+    """Check (full, with shape inference) and write atomically: a failed save leaves no partial file."""
+    path = Path(path)
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_names=None,
+           output_names=None, target: str = DEFAULT_TARGET, opset: int | None = None) -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=True) with scan_export's ops lowered to Loops, pinned to a target.
+
+    Returns the ModelProto and, when path is given, writes it there atomically.
+    """
+    import onnxscript
+    import torch
+
+    tgt = resolve_target(target, opset)
+    program = torch.onnx.export(
+        module, tuple(args), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+        input_names=input_names, output_names=output_names, opset_version=tgt.opset,
+        custom_translation_table=onnx_translation_table(), verbose=False,
+        # Optimize only after lowering: the optimizer's shape inference cannot type our custom
+        # node's outputs and would erase the types the translation set.
+        optimize=False,
+    )
+    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto))
+    model.ir_version = tgt.ir_version
+    onnx.checker.check_model(model, full_check=True)
+    if path is not None:
+        save_model(model, path, check=False)
+    return model

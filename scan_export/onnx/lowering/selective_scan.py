@@ -1,0 +1,219 @@
+"""ONNX lowering of the Mamba-1 selective scan: a Loop over chunks, cumulative ops inside.
+
+Glossary: b batch, d channels, l seqlen, n dstate, g groups of B/C, hd = d // g, T chunk size,
+nc = ceil(l / T) chunks, lp = nc·T padded length.
+
+Graph (mirrors reference.selective_scan_chunked, docs/derivation.md):
+  1. Δ = softplus(delta + delta_bias); du = Δ·u                         (b, d, l)
+  2. pad l to lp with Δ = 0, du = 0, B = C = 0 — exact: a zero step is the identity map, so T
+     stays static and no position is dropped when l % T == 1.
+  3. Loop i < nc, carrying h: (b, g, hd, n), scanning out y_i: (b, g, hd, T)
+       S = CumSum(Δ_i) ; Λ = max |A|·S_end
+       If Λ < PLAIN_MAX_DECAY: cumsum/divide around the chunk midpoint    (~10 passes)
+       else:                   Hillis–Steele over (exp(Δ·A), Δ·u·B)        (~5·log2 T + 5 passes)
+  4. y = unpad(y) + D·u, · silu(z); cast back to the input dtype once.
+Every dimension stays dynamic; the node count does not depend on l.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from ...reference.selective_scan import DEFAULT_CHUNK_SIZE, PLAIN_MAX_DECAY
+from .graph_builder import INT64_MAX, GraphBuilder, value_info
+
+BC_LAYOUTS = ("fixed", "variable", "grouped")  # (d, n) | (b, n, l) | (b, g, n, l)
+NP_DTYPE = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}
+
+
+@dataclass(frozen=True)
+class SelectiveScanConfig:
+    io_dtype: int = TensorProto.FLOAT  # element type of u, delta, z, B, C and out
+    bc_layout: str = "grouped"
+    delta_softplus: bool = True
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self):
+        if self.bc_layout not in BC_LAYOUTS:
+            raise ValueError(f"bc_layout must be one of {BC_LAYOUTS}, got {self.bc_layout!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def compute_dtype(self) -> int:
+        return TensorProto.DOUBLE if self.io_dtype == TensorProto.DOUBLE else TensorProto.FLOAT
+
+
+def emit_selective_scan(
+    gb: GraphBuilder, cfg: SelectiveScanConfig, u, delta, A, B, C,
+    D=None, z=None, delta_bias=None, initial_state=None,
+):
+    """Appends the scan to gb. Arguments are value names (None for absent optional inputs).
+
+    Returns (out: (b, d, l) in cfg.io_dtype, last_state: (b, d, n) in the compute dtype).
+    """
+    f = cfg.compute_dtype
+    fnp = NP_DTYPE[f]
+    T = cfg.chunk_size
+
+    def to_f(x):
+        return x if x is None else gb.op("Cast", x, to=f)
+
+    u, dt, A, B, C, D, z, delta_bias, initial_state = map(
+        to_f, (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    )
+
+    # 1. Δ and Δ·u over the whole sequence.
+    if delta_bias is not None:
+        dt = gb.op("Add", dt, gb.op("Unsqueeze", delta_bias, gb.ints(1)))  # (b, d, l) + (d, 1)
+    if cfg.delta_softplus:
+        dt = _emit_softplus(gb, dt, f, fnp)
+    du = gb.op("Mul", dt, u)  # (b, d, l)
+
+    # Dynamic sizes, each a 1-element int64 vector.
+    shape_u = gb.op("Shape", u)
+    b_, d_, l_ = (gb.op("Slice", shape_u, gb.ints(k), gb.ints(k + 1)) for k in range(3))
+    n_ = gb.op("Slice", gb.op("Shape", A), gb.ints(1), gb.ints(2))
+    if cfg.bc_layout == "grouped":
+        g_ = gb.op("Slice", gb.op("Shape", B), gb.ints(1), gb.ints(2))
+    elif cfg.bc_layout == "variable":
+        g_ = gb.ints(1)
+        B, C = (gb.op("Unsqueeze", x, gb.ints(1)) for x in (B, C))  # (b, n, l) -> (b, 1, n, l)
+    else:
+        g_ = d_  # fixed (d, n): one group per channel
+    hd_ = gb.op("Div", d_, g_)
+    T_ = gb.ints(T)
+
+    # 2. Pad l to a multiple of T with identity steps, then lay chunks out time-first:
+    #    (nc, T, b, g, ·). CumSum over a leading axis adds contiguous slabs, ~4x faster in
+    #    onnxruntime than over a trailing axis of length T.
+    pad_ = gb.op("Mod", gb.op("Sub", T_, gb.op("Mod", l_, T_)), T_)
+    lp_ = gb.op("Add", l_, pad_)
+    nc_ = gb.op("Div", lp_, T_)
+    n_chunks = gb.op("Squeeze", nc_, gb.ints(0))  # scalar trip count
+    tail_pads = gb.op("Concat", gb.ints(0), pad_, axis=0)
+    last_axis = gb.ints(-1)
+
+    def chunk_major(x, middle):  # (b, g, middle, l) -> (nc, T, b, g, middle)
+        x = gb.op("Pad", x, tail_pads, None, last_axis)
+        x = gb.op("Reshape", x, gb.op("Concat", b_, g_, middle, nc_, T_, axis=0))
+        return gb.op("Transpose", x, perm=[3, 4, 0, 1, 2])
+
+    bgd = gb.op("Concat", b_, g_, hd_, l_, axis=0)
+    dt_all, du_all = (chunk_major(gb.op("Reshape", x, bgd), hd_) for x in (dt, du))  # (nc, T, b, g, hd)
+    A_g = gb.op("Reshape", A, gb.op("Concat", g_, hd_, n_, axis=0))
+    A_g = gb.op("Transpose", A_g, perm=[0, 2, 1])  # (g, n, hd)
+    abs_A = gb.op("Abs", A_g)
+    if cfg.bc_layout == "fixed":
+        fixed_shape = gb.op("Concat", gb.ints(1, 1), d_, n_, gb.ints(1), axis=0)
+        B_c, C_c = (gb.op("Reshape", x, fixed_shape) for x in (B, C))  # (1, 1, d, n, 1)
+    else:
+        B_all, C_all = (chunk_major(x, n_) for x in (B, C))  # (nc, T, b, g, n)
+    if initial_state is not None:
+        h0 = gb.op("Reshape", initial_state, gb.op("Concat", b_, g_, hd_, n_, axis=0))
+        h0 = gb.op("Transpose", h0, perm=[0, 1, 3, 2])  # (b, g, n, hd)
+    else:
+        h0 = gb.op("ConstantOfShape", gb.op("Concat", b_, g_, n_, hd_, axis=0), value=_scalar_tensor(0.0, fnp))
+
+    # 3. The Loop body. Chunk tensors are (T, b, g, n, hd): channels last, so every broadcast
+    #    multiplies a long hd-span by a scalar or a span, onnxruntime's fast paths.
+    body = gb.child("chunk")
+    it = body.name("iter")
+    cond_in = body.name("cond_in")
+    h_in = body.name("h_in")  # (b, g, n, hd)
+
+    def chunk_of(x, unsqueeze_axis):  # (nc, T, b, g, m) -> (T, b, g, [1,] m [, 1])
+        return body.op("Unsqueeze", body.op("Gather", x, it, axis=0), body.ints(unsqueeze_axis))
+
+    dt_c = chunk_of(dt_all, 3)  # (T, b, g, 1, hd)
+    du_c = chunk_of(du_all, 3)
+    if cfg.bc_layout != "fixed":
+        B_c, C_c = chunk_of(B_all, 4), chunk_of(C_all, 4)  # (T, b, g, n, 1)
+    S = body.op("CumSum", dt_c, body.const(0, np.int64))  # (T, b, g, 1, hd) inclusive ΣΔ
+    S_end = body.op("Slice", S, body.ints(-1), body.ints(INT64_MAX), body.ints(0))  # (1, b, g, 1, hd)
+    decay = body.op("ReduceMax", body.op("Mul", abs_A, S_end), keepdims=0)  # Λ, scalar
+    S_mid = body.op("Mul", S_end, body.const(0.5, fnp))
+    X = body.op("Mul", du_c, B_c)  # (T, b, g, n, hd) Δ·u·B
+
+    plain = body.child("plain")
+    H_plain = _emit_plain(plain, A_g, S, S_mid, X, h_in)
+    stable = body.child("stable")
+    H_stable = _emit_hillis_steele(stable, A_g, dt_c, S, X, h_in, T, fnp)
+    H = body.op(
+        "If", body.op("Less", decay, body.const(PLAIN_MAX_DECAY, fnp)),
+        then_branch=plain.graph("plain_chunk", [], [value_info(H_plain, f)]),
+        else_branch=stable.graph("stable_chunk", [], [value_info(H_stable, f)]),
+    )  # (T, b, g, n, hd) states of this chunk
+    y_c = body.op("ReduceSum", body.op("Mul", H, C_c), body.ints(3), keepdims=0)  # (T, b, g, hd)
+    # Scanned out flat: ONNX stacks scan outputs on a new axis, but onnx's ReferenceEvaluator
+    # concatenates them (np.vstack); a 1-D output means the same (nc, T·b·g·hd) in both.
+    y_flat = body.op("Reshape", y_c, body.ints(-1))
+    h_out = body.op("Gather", H, body.const(-1, np.int64), axis=0)  # (b, g, n, hd)
+    cond_out = body.op("Identity", cond_in)
+    body_graph = body.graph(
+        "selective_scan_chunk",
+        [value_info(it, TensorProto.INT64, []), value_info(cond_in, TensorProto.BOOL, []), value_info(h_in, f)],
+        [value_info(cond_out, TensorProto.BOOL, []), value_info(h_out, f), value_info(y_flat, f)],
+    )
+    # cond is given although optional: the ReferenceEvaluator runs no iteration without it.
+    keep_going = gb.const(True, np.bool_)
+    h_last, y_chunks = gb.op("Loop", n_chunks, keep_going, h0, n_out=2, body=body_graph)  # (nc, T·b·g·hd)
+
+    # 4. Unpad, skip connection, gate, cast back.
+    y = gb.op("Reshape", y_chunks, gb.op("Concat", nc_, T_, b_, g_, hd_, axis=0))  # (nc, T, b, g, hd)
+    y = gb.op("Transpose", y, perm=[2, 3, 4, 0, 1])  # (b, g, hd, nc, T)
+    y = gb.op("Reshape", y, gb.op("Concat", b_, d_, lp_, axis=0))  # (b, d, lp)
+    y = gb.op("Slice", y, gb.ints(0), l_, gb.ints(2))  # (b, d, l)
+    if D is not None:
+        y = gb.op("Add", y, gb.op("Mul", u, gb.op("Unsqueeze", D, gb.ints(1))))
+    if z is not None:
+        y = gb.op("Mul", y, gb.op("Mul", z, gb.op("Sigmoid", z)))
+    out = y if cfg.io_dtype == f else gb.op("Cast", y, to=cfg.io_dtype)
+    h_last = gb.op("Transpose", h_last, perm=[0, 1, 3, 2])  # (b, g, hd, n)
+    last_state = gb.op("Reshape", h_last, gb.op("Concat", b_, d_, n_, axis=0))  # (b, d, n)
+    return out, last_state
+
+
+def _emit_softplus(gb: GraphBuilder, x, f, fnp):
+    """onnxruntime's CPU Softplus has no float64 kernel; there use relu(x) + log(1 + exp(−|x|))."""
+    if f == TensorProto.FLOAT:
+        return gb.op("Softplus", x)
+    tail = gb.op("Log", gb.op("Add", gb.const(1.0, fnp), gb.op("Exp", gb.op("Neg", gb.op("Abs", x)))))
+    return gb.op("Add", gb.op("Relu", x), tail)
+
+
+def _scalar_tensor(value, np_dtype):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array([value], dtype=np_dtype))
+
+
+def _emit_plain(gb: GraphBuilder, A_g, S, S_mid, X, h):
+    """h_t = E_t·(CumSum(X / E)_t + exp(A·S_mid)·h),  E_t = exp(A·(S_t − S_mid)); see the reference."""
+    E = gb.op("Exp", gb.op("Mul", A_g, gb.op("Sub", S, S_mid)))  # (T, b, g, n, hd)
+    cum = gb.op("CumSum", gb.op("Div", X, E), gb.const(0, np.int64))
+    carried = gb.op("Mul", h, gb.op("Exp", gb.op("Mul", A_g, S_mid)))  # (1, b, g, n, hd)
+    return gb.op("Mul", E, gb.op("Add", cum, carried))
+
+
+def _emit_hillis_steele(gb: GraphBuilder, A_g, dt_c, S, X, h, T, fnp):
+    """Associative scan over (a, b) = (exp(Δ·A), Δ·u·B); the carried state enters separately."""
+    a = gb.op("Exp", gb.op("Mul", A_g, dt_c))  # (T, b, g, n, hd)
+    acc = X
+    axis = gb.ints(0)
+    zero, one = gb.const(0.0, fnp), gb.const(1.0, fnp)
+    shift = 1
+    while shift < T:
+        pads = gb.ints(shift, 0)
+        head = gb.ints(0)
+        cut = gb.ints(-shift)
+        acc_prev = gb.op("Pad", gb.op("Slice", acc, head, cut, axis), pads, zero, axis)  # acc shifted by `shift`
+        acc = gb.op("Add", acc, gb.op("Mul", a, acc_prev))
+        if 2 * shift < T:
+            a_prev = gb.op("Pad", gb.op("Slice", a, head, cut, axis), pads, one, axis)
+            a = gb.op("Mul", a, a_prev)
+        shift *= 2
+    return gb.op("Add", acc, gb.op("Mul", h, gb.op("Exp", gb.op("Mul", A_g, S))))

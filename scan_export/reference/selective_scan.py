@@ -1,0 +1,210 @@
+"""Mamba-1 selective scan: the sequential oracle, the chunked scan we export, and the decode step.
+
+Glossary (mamba_ssm / paper naming):
+  b: batch   d: channels (d_inner)   l: seqlen   n: dstate (N)   g: groups of B/C   hd = d // g
+  T: chunk size          t: position inside a chunk
+  Δ (delta): step size   A: (d, n) continuous decay, usually negative
+  h_t = exp(Δ_t·A)·h_{t-1} + Δ_t·B_t·u_t          y_t = C_t·h_t + D·u_t   (then · silu(z_t))
+
+The chunked scan derives in docs/derivation.md. Inside a chunk it takes one of two exact forms:
+  * "cumsum/divide" (mamba-mini's form, re-referenced to the chunk midpoint), cheap but it overflows
+    float32 once Λ = max |A|·ΣΔ over the chunk grows (NUMERICS.md: NaN past ~88 with an end reference);
+  * "Hillis–Steele", an associative scan over (a, b) pairs, finite for every Λ.
+Each chunk measures its own Λ and takes cumsum/divide only below PLAIN_MAX_DECAY.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .validate import ScanDims, check_scan_inputs, compute_dtype
+
+DEFAULT_CHUNK_SIZE = 16
+# Largest chunk decay Λ for which the cumsum/divide form is used. With the midpoint reference its
+# exponents stay within ±Λ/2 = ±20, far from float32's ±88; the exponent rounding error is then about
+# (Λ/2)·eps ≈ 1.2e-6 relative, which keeps us inside the 1e-5 parity budget (measured in tests).
+PLAIN_MAX_DECAY = 40.0
+
+
+def _prepare_delta(delta, delta_bias, delta_softplus, f):
+    """delta: (b, d, l) -> Δ in compute dtype f, with bias and softplus applied."""
+    delta = delta.to(f)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(f)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def _per_channel(x: torch.Tensor, dims: ScanDims, f) -> torch.Tensor:
+    """B or C in any accepted layout -> (b | 1, d, n, l | 1), one row per channel."""
+    x = x.to(f)
+    if x.dim() == 2:  # fixed (d, n)
+        return x[None, :, :, None]
+    if x.dim() == 3:  # (b, n, l)
+        return x[:, None]
+    return x.repeat_interleave(dims.dim // dims.groups, dim=1)  # (b, g, n, l) -> (b, d, n, l)
+
+
+def _finish(y, u, D, z, dtype_in, f):
+    """y: (b, d, l) scan term -> out = (y + D·u) · silu(z), cast back once."""
+    if D is not None:
+        y = y + u * D.to(f)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    return y.to(dtype_in)
+
+
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, initial_state=None,
+):
+    """Sequential selective scan with mamba_ssm's `selective_scan_fn` semantics.
+
+    u, delta, z: (b, d, l)   A: (d, n)   B, C: (d, n) | (b, n, l) | (b, g, n, l)
+    D, delta_bias: (d,)      initial_state: (b, d, n)  (our extension; zeros when None)
+    Returns out: (b, d, l) in u.dtype, and last_state: (b, d, n) in the compute dtype
+    (float32, or float64 for float64 inputs) when return_last_state.
+    """
+    dims = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dtype_in, f = u.dtype, compute_dtype(u)
+    u = u.to(f)
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, f)
+    A = A.to(f)
+    Bd, Cd = _per_channel(B, dims, f), _per_channel(C, dims, f)  # (b|1, d, n, l|1)
+    deltaA = torch.exp(delta[..., None] * A[:, None, :])  # (b, d, l, n)
+    deltaB_u = (delta * u)[..., None] * Bd.transpose(2, 3)  # (b, d, l, n)
+    x = (
+        initial_state.to(f)
+        if initial_state is not None
+        else u.new_zeros(dims.batch, dims.dim, dims.dstate)
+    )  # (b, d, n)
+    ys = []
+    for i in range(dims.seqlen):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        c_i = Cd[..., i] if Cd.shape[-1] > 1 else Cd[..., 0]  # (b|1, d, n)
+        ys.append((x * c_i).sum(-1))  # (b, d)
+    y = torch.stack(ys, dim=-1)  # (b, d, l)
+    out = _finish(y, u, D, z, dtype_in, f)
+    return (out, x) if return_last_state else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked scan. Layout inside a chunk: (b, g, hd, n, t), time last so cumulative ops run on -1.
+
+
+def chunk_decay(A_g, S_end):
+    """Λ: the largest |A|·ΣΔ over this chunk. A_g: (g, hd, n, 1), S_end: (b, g, hd, 1, 1)."""
+    return (A_g.abs() * S_end).amax()
+
+
+def chunk_states_plain(h, A_g, S, X):
+    """All states of one chunk by cumsum/divide, referenced to the chunk midpoint.
+
+    h: (b, g, hd, n) state entering the chunk    A_g: (g, hd, n, 1)
+    S: (b, g, hd, 1, t) inclusive cumsum of Δ     X: (b, g, hd, n, t) = Δ·u·B
+    h_t = E_t·(Σ_{i≤t} X_i / E_i + exp(A·S_mid)·h),  E_t = exp(A·(S_t − S_mid))
+    Exact algebra; finite only while Λ/2 < ~88, so callers gate it on chunk_decay.
+    """
+    S_mid = 0.5 * S[..., -1:]  # (b, g, hd, 1, 1)
+    E = torch.exp(A_g * (S - S_mid))  # (b, g, hd, n, t)
+    carried = (h * torch.exp(A_g * S_mid)[..., 0])[..., None]  # (b, g, hd, n, 1)
+    return E * (torch.cumsum(X / E, dim=-1) + carried)
+
+
+def chunk_states_hillis_steele(h, A_g, dt, S, X):
+    """All states of one chunk by an associative scan; finite for any decay.
+
+    dt: (b, g, hd, 1, t); other shapes as in chunk_states_plain.
+    Pairs (a, b) = (exp(Δ·A), Δ·u·B) compose as (a1, b1)∘(a2, b2) = (a1·a2, a2·b1 + b2); after
+    ceil(log2 t) shifted combines, b_t is the chunk-local state. The carried-in state enters as a
+    separate term exp(A·S_t)·h (folding it into b_0 makes the error grow with l, see NUMERICS.md).
+    """
+    t = X.shape[-1]
+    a = torch.exp(A_g * dt)  # (b, g, hd, n, t)
+    acc = X
+    shift = 1
+    while shift < t:
+        acc = acc + a * F.pad(acc[..., :-shift], (shift, 0), value=0.0)
+        if 2 * shift < t:
+            a = a * F.pad(a[..., :-shift], (shift, 0), value=1.0)
+        shift *= 2
+    return acc + torch.exp(A_g * S) * h[..., None]
+
+
+def selective_scan_chunked(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, initial_state=None, chunk_size=DEFAULT_CHUNK_SIZE,
+):
+    """Chunked selective scan: same signature and result as selective_scan_ref, plus chunk_size.
+
+    Loops over chunks of chunk_size steps; inside each chunk it uses cumulative ops only
+    (see the module docstring for the two exact forms and when each is taken). Differentiable.
+    """
+    dims = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    b, d, l, n = dims.batch, dims.dim, dims.seqlen, dims.dstate
+    dtype_in, f = u.dtype, compute_dtype(u)
+    g = dims.groups or d  # fixed B/C: one "group" per channel
+    hd = d // g
+    u = u.to(f)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, f)
+    dt_g = dt.view(b, g, hd, 1, l)
+    du_g = (dt * u).view(b, g, hd, 1, l)
+
+    def grouped(x):  # -> (b|1, g, 1, n, l|1)
+        x = x.to(f)
+        if x.dim() == 2:
+            return x.view(1, g, 1, n, 1)
+        return x.view(b, g, 1, n, l)
+
+    B_g, C_g = grouped(B), grouped(C)
+    A_g = A.to(f).view(g, hd, n, 1)
+    h = (
+        initial_state.to(f).view(b, g, hd, n)
+        if initial_state is not None
+        else u.new_zeros(b, g, hd, n)
+    )
+    ys = []
+    for start in range(0, l, chunk_size):  # every position, including l % T == 1
+        sl = slice(start, min(start + chunk_size, l))
+        dt_c = dt_g[..., sl]
+        B_c = B_g[..., sl] if B_g.shape[-1] > 1 else B_g
+        C_c = C_g[..., sl] if C_g.shape[-1] > 1 else C_g
+        S = torch.cumsum(dt_c, dim=-1)  # (b, g, hd, 1, t)
+        X = du_g[..., sl] * B_c  # (b, g, hd, n, t)
+        # The form choice reads data, which graph capture (torch.compile) cannot branch on;
+        # there every chunk takes the always-finite form.
+        if not torch.compiler.is_compiling() and chunk_decay(A_g, S[..., -1:]) < PLAIN_MAX_DECAY:
+            H = chunk_states_plain(h, A_g, S, X)
+        else:
+            H = chunk_states_hillis_steele(h, A_g, dt_c, S, X)
+        ys.append((H * C_c).sum(dim=3))  # (b, g, hd, t)
+        h = H[..., -1]
+    y = torch.cat(ys, dim=-1).reshape(b, d, l)
+    out = _finish(y, u, D, z, dtype_in, f)
+    return (out, h.reshape(b, d, n)) if return_last_state else out
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decode step with mamba_ssm's `selective_state_update` semantics, without mutation.
+
+    state: (b, d, n)   x, dt, z: (b, d)   A: (d, n)   B, C: (b, n) | (b, g, n)   D, dt_bias: (d,)
+    Returns y: (b, d) in x.dtype and new_state: (b, d, n) in state.dtype.
+    Equal to selective_scan_ref on a length-1 sequence with initial_state=state.
+    """
+    if not isinstance(state, torch.Tensor) or state.dim() != 3:
+        got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise ValueError(f"state must be rank 3 (batch, dim, dstate), got {got}")
+    for name, v in (("x", x), ("dt", dt), ("z", z)):
+        if v is not None and (not isinstance(v, torch.Tensor) or v.dim() != 2):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{name} must be rank 2 (batch, dim), got {got}")
+    seq = lambda v: None if v is None else v[..., None]  # (..., ) -> (..., 1): a length-1 sequence
+    out, new_state = selective_scan_ref(
+        seq(x), seq(dt), A, seq(B), seq(C), D=D, z=seq(z), delta_bias=dt_bias,
+        delta_softplus=dt_softplus, return_last_state=True, initial_state=state,
+    )
+    return out[..., 0], new_state.to(state.dtype)

@@ -1,0 +1,73 @@
+"""One explicit execution provider per session, asserted; never a silent CPU fallback."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class ProviderUnavailableError(RuntimeError):
+    """The requested execution provider is not in this onnxruntime build."""
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("onnxruntime is required: pip install onnxruntime (or onnxruntime-gpu for CUDA)") from e
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    return _onnxruntime().get_available_providers()
+
+
+def has_cuda_provider() -> bool:
+    return PROVIDERS["cuda"] in available_providers()
+
+
+def make_session(model, provider: str = "cpu", *, threads: int | None = None, log_severity: int = 3):
+    """An InferenceSession on exactly one provider ("cpu" or "cuda"). model: path or serialized bytes.
+
+    Raises ProviderUnavailableError when the provider is missing, and RuntimeError if onnxruntime
+    quietly put the session on another provider.
+    """
+    ort = _onnxruntime()
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        hint = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu" if provider == "cuda" else "pip install onnxruntime"
+        raise ProviderUnavailableError(
+            f"{wanted} is not available in this onnxruntime build "
+            f"(available: {ort.get_available_providers()}); install it with: {hint}"
+        )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = log_severity
+    if threads:
+        opts.intra_op_num_threads = threads
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    session = ort.InferenceSession(model, opts, providers=[wanted])
+    if session.get_providers()[0] != wanted:
+        raise RuntimeError(f"asked for {wanted}, but onnxruntime chose {session.get_providers()}")
+    return session
+
+
+def run_on_device(session, feeds: dict[str, np.ndarray], output_names=None) -> list[np.ndarray]:
+    """Run a session. On CUDA, inputs go to the device once through IO binding and outputs are
+    bound on the device, so no per-run host staging happens inside onnxruntime."""
+    ort = _onnxruntime()
+    names = output_names or [o.name for o in session.get_outputs()]
+    if session.get_providers()[0] != PROVIDERS["cuda"]:
+        return session.run(names, feeds)
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0))
+    for name in names:
+        binding.bind_output(name, "cuda", 0)
+    session.run_with_iobinding(binding)
+    return [v.numpy() for v in binding.get_outputs()]

@@ -1,0 +1,72 @@
+"""The CLI maps flags onto library calls without dropping any."""
+
+import json
+
+import onnx
+import pytest
+
+from scan_export.bench import bench_scan
+from scan_export.cli import build_parser, main, scan_spec_from_args
+from scan_export.onnx.scan_model import ScanModelSpec, read_scan_spec
+
+
+def test_scan_flags_round_trip(tmp_path):
+    out = tmp_path / "scan.onnx"
+    argv = ["scan", "--dim", "64", "--dstate", "16", "--groups", "2", "--no-z", "--no-D", "--no-delta-bias",
+            "--no-initial-state", "--no-softplus", "--chunk-size", "8", "--opset", "20", "--out", str(out)]
+    assert main(argv) == 0
+    model = onnx.load(str(out))
+    want = ScanModelSpec(dim=64, dstate=16, groups=2, with_D=False, with_z=False, with_delta_bias=False,
+                         with_initial_state=False, delta_softplus=False, chunk_size=8)
+    assert read_scan_spec(model) == want
+    assert scan_spec_from_args(build_parser().parse_args(argv)) == want
+    assert [i.name for i in model.graph.input] == ["u", "delta", "A", "B", "C"]
+    assert model.opset_import[0].version == 20
+    b_shape = [d.dim_value or d.dim_param for d in model.graph.input[3].type.tensor_type.shape.dim]
+    assert b_shape == ["batch", 2, 16, "seqlen"]
+
+
+def test_scan_defaults_are_all_inputs_dynamic_dims(tmp_path):
+    out = tmp_path / "scan.onnx"
+    assert main(["scan", "--out", str(out)]) == 0
+    model = onnx.load(str(out))
+    assert read_scan_spec(model) == ScanModelSpec()
+    u_shape = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert u_shape == ["batch", "dim", "seqlen"]
+
+
+def test_check_command_passes_on_a_good_model(tmp_path, capsys):
+    out = tmp_path / "scan.onnx"
+    assert main(["scan", "--groups", "2", "--out", str(out)]) == 0
+    assert main(["check", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "18/18 cases pass" in table and "heavy" in table
+
+
+def test_check_command_fails_on_a_broken_model(tmp_path, capsys):
+    """A model with a wrong readout (max over the state instead of C·h summed) must fail check."""
+    out = tmp_path / "scan.onnx"
+    assert main(["scan", "--out", str(out)]) == 0
+    model = onnx.load(str(out))
+    loop = next(n for n in model.graph.node if n.op_type == "Loop")
+    readout = next(n for n in loop.attribute[0].g.node if n.op_type == "ReduceSum")
+    readout.op_type = "ReduceMax"
+    onnx.save(model, str(out))
+    assert main(["check", str(out)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_refuses_a_non_scan_model(tmp_path, capsys):
+    path = tmp_path / "other.onnx"
+    g = onnx.helper.make_graph([], "g", [], [])
+    onnx.save(onnx.helper.make_model(g), str(path))
+    assert main(["check", str(path)]) == 2
+    assert "not a scan_export op model" in capsys.readouterr().err
+
+
+def test_bench_reports_every_implementation_and_ratio(tmp_path):
+    results = bench_scan(shapes=((1, 32, 4, 64),), repeats=1)
+    (entry,) = results["shapes"]
+    assert len(entry["median_ms"]) == 4
+    assert all(v > 0 for v in entry["speedup_vs_mamba_mini"].values())
+    json.dumps(results)
