@@ -5,7 +5,7 @@ no torch). `import scan_export` is light; the drop-in ops load torch on first us
 """
 
 __version__ = "0.1.0"
-_LAZY = {"selective_scan_fn": ".onnx.ops"}
+_LAZY = {"selective_scan_fn": ".reference.custom_ops"}
 __all__ = ["selective_scan_fn"]
 
 

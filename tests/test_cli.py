@@ -48,9 +48,13 @@ def test_check_command_fails_on_a_broken_model(tmp_path, capsys):
     out = tmp_path / "scan.onnx"
     assert main(["scan", "--out", str(out)]) == 0
     model = onnx.load(str(out))
-    loop = next(n for n in model.graph.node if n.op_type == "Loop")
-    readout = next(n for n in loop.attribute[0].g.node if n.op_type == "ReduceSum")
-    readout.op_type = "ReduceMax"
+    branch = next(n for n in model.graph.node if n.op_type == "If")  # single step | chunk loop
+    for graph in (a.g for a in branch.attribute):
+        loop = next((n for n in graph.node if n.op_type == "Loop"), None)
+        readouts = graph.node if loop is None else loop.attribute[0].g.node
+        for node in readouts:
+            if node.op_type == "ReduceSum":
+                node.op_type = "ReduceMax"
     onnx.save(model, str(out))
     assert main(["check", str(out)]) == 1
     assert "FAIL" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import torch
 
 from scan_export import selective_scan_fn
 from scan_export.onnx.export import export
-from scan_export.onnx.ops import selective_scan_op
+from scan_export.reference.custom_ops import selective_scan_op
 from scan_export.reference import selective_scan_ref
 from scan_export.reference.regimes import make_scan_inputs
 from scan_export.runtime import make_session

@@ -7,7 +7,8 @@ Graph (mirrors reference.selective_scan_chunked, docs/derivation.md):
   1. Δ = softplus(delta + delta_bias); du = Δ·u                         (b, d, l)
   2. pad l to lp with Δ = 0, du = 0, B = C = 0 — exact: a zero step is the identity map, so T
      stays static and no position is dropped when l % T == 1.
-  3. Loop i < nc, carrying h: (b, g, hd, n), scanning out y_i: (b, g, hd, T)
+  3. l == 1 (decode) takes a single-step branch; otherwise
+     Loop i < nc, carrying h: (b, g, n, hd), scanning out y_i: (T, b, g, hd)
        S = CumSum(Δ_i) ; Λ = max |A|·S_end
        If Λ < PLAIN_MAX_DECAY: cumsum/divide around the chunk midpoint    (~10 passes)
        else:                   Hillis–Steele over (exp(Δ·A), Δ·u·B)        (~5·log2 T + 5 passes)
@@ -47,6 +48,18 @@ class SelectiveScanConfig:
         return TensorProto.DOUBLE if self.io_dtype == TensorProto.DOUBLE else TensorProto.FLOAT
 
 
+@dataclass(frozen=True)
+class _Dims:
+    """Dynamic sizes, each a 1-element int64 vector."""
+
+    b: str
+    d: str
+    l: str
+    n: str
+    g: str
+    hd: str
+
+
 def emit_selective_scan(
     gb: GraphBuilder, cfg: SelectiveScanConfig, u, delta, A, B, C,
     D=None, z=None, delta_bias=None, initial_state=None,
@@ -57,7 +70,6 @@ def emit_selective_scan(
     """
     f = cfg.compute_dtype
     fnp = NP_DTYPE[f]
-    T = cfg.chunk_size
 
     def to_f(x):
         return x if x is None else gb.op("Cast", x, to=f)
@@ -73,7 +85,6 @@ def emit_selective_scan(
         dt = _emit_softplus(gb, dt, f, fnp)
     du = gb.op("Mul", dt, u)  # (b, d, l)
 
-    # Dynamic sizes, each a 1-element int64 vector.
     shape_u = gb.op("Shape", u)
     b_, d_, l_ = (gb.op("Slice", shape_u, gb.ints(k), gb.ints(k + 1)) for k in range(3))
     n_ = gb.op("Slice", gb.op("Shape", A), gb.ints(1), gb.ints(2))
@@ -85,11 +96,60 @@ def emit_selective_scan(
     else:
         g_ = d_  # fixed (d, n): one group per channel
     hd_ = gb.op("Div", d_, g_)
+    dims = _Dims(b_, d_, l_, n_, g_, hd_)
+    A_g = gb.op("Transpose", gb.op("Reshape", A, gb.op("Concat", g_, hd_, n_, axis=0)), perm=[0, 2, 1])  # (g, n, hd)
+    if initial_state is not None:
+        h0 = gb.op("Reshape", initial_state, gb.op("Concat", b_, g_, hd_, n_, axis=0))
+        h0 = gb.op("Transpose", h0, perm=[0, 1, 3, 2])  # (b, g, n, hd)
+    else:
+        h0 = gb.op("ConstantOfShape", gb.op("Concat", b_, g_, n_, hd_, axis=0), value=_scalar_tensor(0.0, fnp))
+
+    # 2. One step (decode) skips the chunk machinery, which would pad it to a whole chunk.
+    step = gb.child("step")
+    y_step, h_step = _emit_single_step(step, cfg, dims, dt, du, A_g, B, C, h0)
+    chunked = gb.child("chunked")
+    y_chunked, h_chunked = _emit_chunk_loop(chunked, cfg, dims, dt, du, A_g, B, C, h0)
+    y, h_last = gb.op(
+        "If", gb.op("Squeeze", gb.op("Equal", l_, gb.ints(1)), gb.ints(0)), n_out=2,
+        then_branch=step.graph("single_step", [], [value_info(y_step, f), value_info(h_step, f)]),
+        else_branch=chunked.graph("chunk_loop", [], [value_info(y_chunked, f), value_info(h_chunked, f)]),
+    )  # y: (b, d, l) scan term, h_last: (b, g, n, hd)
+
+    # 3. Skip connection, gate, cast back once.
+    if D is not None:
+        y = gb.op("Add", y, gb.op("Mul", u, gb.op("Unsqueeze", D, gb.ints(1))))
+    if z is not None:
+        y = gb.op("Mul", y, gb.op("Mul", z, gb.op("Sigmoid", z)))
+    out = y if cfg.io_dtype == f else gb.op("Cast", y, to=cfg.io_dtype)
+    h_last = gb.op("Transpose", h_last, perm=[0, 1, 3, 2])  # (b, g, hd, n)
+    last_state = gb.op("Reshape", h_last, gb.op("Concat", b_, d_, n_, axis=0))  # (b, d, n)
+    return out, last_state
+
+
+def _emit_single_step(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt, du, A_g, B, C, h0):
+    """l == 1: h = exp(Δ·A)·h0 + Δ·u·B, y = Σ_n C·h. Returns (y: (b, d, 1), h: (b, g, n, hd))."""
+    bg1h = gb.op("Concat", dims.b, dims.g, gb.ints(1), dims.hd, axis=0)
+    dt1, du1 = (gb.op("Reshape", x, bg1h) for x in (dt, du))  # (b, g, 1, hd)
+    if cfg.bc_layout == "fixed":
+        fixed = gb.op("Concat", gb.ints(1), dims.d, dims.n, gb.ints(1), axis=0)
+        B, C = (gb.op("Reshape", x, fixed) for x in (B, C))  # (1, d, n, 1)
+    # B, C: (b, g, n, 1)
+    h = gb.op("Add", gb.op("Mul", gb.op("Exp", gb.op("Mul", A_g, dt1)), h0), gb.op("Mul", du1, B))  # (b, g, n, hd)
+    y = gb.op("ReduceSum", gb.op("Mul", h, C), gb.ints(2), keepdims=0)  # (b, g, hd)
+    return gb.op("Reshape", y, gb.op("Concat", dims.b, dims.d, dims.l, axis=0)), h
+
+
+def _emit_chunk_loop(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt, du, A_g, B, C, h0):
+    """The Loop over chunks. Returns (y: (b, d, l), h_last: (b, g, n, hd))."""
+    f = cfg.compute_dtype
+    fnp = NP_DTYPE[f]
+    T = cfg.chunk_size
+    b_, d_, l_, n_, g_, hd_ = dims.b, dims.d, dims.l, dims.n, dims.g, dims.hd
     T_ = gb.ints(T)
 
-    # 2. Pad l to a multiple of T with identity steps, then lay chunks out time-first:
-    #    (nc, T, b, g, ·). CumSum over a leading axis adds contiguous slabs, ~4x faster in
-    #    onnxruntime than over a trailing axis of length T.
+    # Pad l to a multiple of T with identity steps, then lay chunks out time-first:
+    # (nc, T, b, g, ·). CumSum over a leading axis adds contiguous slabs, ~4x faster in
+    # onnxruntime than over a trailing axis of length T.
     pad_ = gb.op("Mod", gb.op("Sub", T_, gb.op("Mod", l_, T_)), T_)
     lp_ = gb.op("Add", l_, pad_)
     nc_ = gb.op("Div", lp_, T_)
@@ -104,22 +164,15 @@ def emit_selective_scan(
 
     bgd = gb.op("Concat", b_, g_, hd_, l_, axis=0)
     dt_all, du_all = (chunk_major(gb.op("Reshape", x, bgd), hd_) for x in (dt, du))  # (nc, T, b, g, hd)
-    A_g = gb.op("Reshape", A, gb.op("Concat", g_, hd_, n_, axis=0))
-    A_g = gb.op("Transpose", A_g, perm=[0, 2, 1])  # (g, n, hd)
     abs_A = gb.op("Abs", A_g)
     if cfg.bc_layout == "fixed":
         fixed_shape = gb.op("Concat", gb.ints(1, 1), d_, n_, gb.ints(1), axis=0)
         B_c, C_c = (gb.op("Reshape", x, fixed_shape) for x in (B, C))  # (1, 1, d, n, 1)
     else:
         B_all, C_all = (chunk_major(x, n_) for x in (B, C))  # (nc, T, b, g, n)
-    if initial_state is not None:
-        h0 = gb.op("Reshape", initial_state, gb.op("Concat", b_, g_, hd_, n_, axis=0))
-        h0 = gb.op("Transpose", h0, perm=[0, 1, 3, 2])  # (b, g, n, hd)
-    else:
-        h0 = gb.op("ConstantOfShape", gb.op("Concat", b_, g_, n_, hd_, axis=0), value=_scalar_tensor(0.0, fnp))
 
-    # 3. The Loop body. Chunk tensors are (T, b, g, n, hd): channels last, so every broadcast
-    #    multiplies a long hd-span by a scalar or a span, onnxruntime's fast paths.
+    # The Loop body. Chunk tensors are (T, b, g, n, hd): channels last, so every broadcast
+    # multiplies a long hd-span by a scalar or a span, onnxruntime's fast paths.
     body = gb.child("chunk")
     it = body.name("iter")
     cond_in = body.name("cond_in")
@@ -162,19 +215,10 @@ def emit_selective_scan(
     keep_going = gb.const(True, np.bool_)
     h_last, y_chunks = gb.op("Loop", n_chunks, keep_going, h0, n_out=2, body=body_graph)  # (nc, T·b·g·hd)
 
-    # 4. Unpad, skip connection, gate, cast back.
     y = gb.op("Reshape", y_chunks, gb.op("Concat", nc_, T_, b_, g_, hd_, axis=0))  # (nc, T, b, g, hd)
     y = gb.op("Transpose", y, perm=[2, 3, 4, 0, 1])  # (b, g, hd, nc, T)
     y = gb.op("Reshape", y, gb.op("Concat", b_, d_, lp_, axis=0))  # (b, d, lp)
-    y = gb.op("Slice", y, gb.ints(0), l_, gb.ints(2))  # (b, d, l)
-    if D is not None:
-        y = gb.op("Add", y, gb.op("Mul", u, gb.op("Unsqueeze", D, gb.ints(1))))
-    if z is not None:
-        y = gb.op("Mul", y, gb.op("Mul", z, gb.op("Sigmoid", z)))
-    out = y if cfg.io_dtype == f else gb.op("Cast", y, to=cfg.io_dtype)
-    h_last = gb.op("Transpose", h_last, perm=[0, 1, 3, 2])  # (b, g, hd, n)
-    last_state = gb.op("Reshape", h_last, gb.op("Concat", b_, d_, n_, axis=0))  # (b, d, n)
-    return out, last_state
+    return gb.op("Slice", y, gb.ints(0), l_, gb.ints(2)), h_last  # (b, d, l) unpadded
 
 
 def _emit_softplus(gb: GraphBuilder, x, f, fnp):

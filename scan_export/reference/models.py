@@ -1,0 +1,221 @@
+"""Mamba / FalconMamba language models with the recurrent state as explicit inputs and outputs.
+
+These are the modules that get exported. Parameter names match Hugging Face checkpoints
+(`backbone.layers.{i}.mixer.in_proj.weight`, ...), so weights load by name with no conversion, and
+the arithmetic follows transformers' `MambaMixer` slow path step for step.
+
+Glossary: b batch, l seqlen, h hidden_size, d intermediate_size (d_inner), n state_size,
+K conv_kernel, r time_step_rank, V vocab_size.
+Per layer i the state is conv_state_i: (b, d, K−1) and ssm_state_i: (b, d, n) (float32).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .custom_ops import selective_scan_fn
+from .conv import causal_conv1d_with_state
+
+SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba")
+
+
+@dataclass(frozen=True)
+class MambaLMConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    state_size: int
+    conv_kernel: int
+    time_step_rank: int
+    num_hidden_layers: int
+    layer_norm_epsilon: float = 1e-5
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    mixer_rms_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> MambaLMConfig:
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (as in every released Mamba), got {cfg['hidden_act']!r}")
+        hidden = cfg["hidden_size"]
+        rank = cfg.get("time_step_rank", "auto")
+        eos = cfg.get("eos_token_id")
+        return cls(
+            model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=hidden,
+            intermediate_size=cfg.get("intermediate_size") or cfg.get("expand", 2) * hidden,
+            state_size=cfg.get("state_size", 16), conv_kernel=cfg.get("conv_kernel", 4),
+            time_step_rank=-(-hidden // 16) if rank == "auto" else int(rank),
+            num_hidden_layers=cfg["num_hidden_layers"], layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
+            use_bias=cfg.get("use_bias", False), use_conv_bias=cfg.get("use_conv_bias", True),
+            mixer_rms_eps=cfg.get("mixer_rms_eps", 1e-6), tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos, bos_token_id=cfg.get("bos_token_id"),
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """transformers' MambaRMSNorm: normalize in float32, scale in the input dtype."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def weightless_rms(x, eps: float):
+    """FalconMamba's extra norm on Δ, B and C (no weight)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, cfg: MambaLMConfig):
+        super().__init__()
+        d, n, r = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.hidden_size, 2 * d, bias=cfg.use_bias)
+        self.conv1d = nn.Conv1d(d, d, cfg.conv_kernel, groups=d, bias=cfg.use_conv_bias)
+        self.x_proj = nn.Linear(d, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(d, n))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, x, conv_state, ssm_state):
+        """x: (b, l, h), conv_state: (b, d, K−1), ssm_state: (b, d, n) -> (y: (b, l, h), conv_state', ssm_state')"""
+        cfg = self.cfg
+        u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (b, d, l) each
+        u, conv_state = causal_conv1d_with_state(u, conv_state, self.conv1d.weight, self.conv1d.bias)
+        u = F.silu(u)
+        dt, B, C = self.x_proj(u.transpose(1, 2)).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
+        if cfg.model_type == "falcon_mamba":
+            dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
+        dt = self.dt_proj.weight @ dt.transpose(1, 2)  # (b, d, l), bias goes in as delta_bias
+        y, ssm_state = selective_scan_fn(
+            u, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            self.D.float(), z, self.dt_proj.bias.float(), True, return_last_state=True, initial_state=ssm_state,
+        )
+        return self.out_proj(y.transpose(1, 2).to(x.dtype)), conv_state, ssm_state
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, cfg: MambaLMConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mixer = MambaMixer(cfg)
+
+    def forward(self, x, conv_state, ssm_state):
+        y, conv_state, ssm_state = self.mixer(self.norm(x), conv_state, ssm_state)
+        return x + y, conv_state, ssm_state
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: MambaLMConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+
+
+class MambaLM(nn.Module):
+    """forward(input_ids: (b, l), conv_0, ssm_0, conv_1, ssm_1, ...) -> (logits: (b, l, V), conv_0', ssm_0', ...)"""
+
+    def __init__(self, cfg: MambaLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids, *states):
+        n_layers = self.cfg.num_hidden_layers
+        if len(states) != 2 * n_layers:
+            raise ValueError(f"expected {2 * n_layers} state tensors (conv, ssm per layer), got {len(states)}")
+        x = self.backbone.embeddings(input_ids)
+        new_states = []
+        for i, layer in enumerate(self.backbone.layers):
+            x, conv_state, ssm_state = layer(x, states[2 * i], states[2 * i + 1])
+            new_states += [conv_state, ssm_state]
+        return (self.lm_head(self.backbone.norm_f(x)), *new_states)
+
+    def zero_state(self, batch: int, dtype=None) -> list[torch.Tensor]:
+        cfg = self.cfg
+        dtype = dtype or self.lm_head.weight.dtype
+        out = []
+        for _ in range(cfg.num_hidden_layers):
+            out.append(torch.zeros(batch, cfg.intermediate_size, cfg.conv_kernel - 1, dtype=dtype))
+            out.append(torch.zeros(batch, cfg.intermediate_size, cfg.state_size, dtype=torch.float32))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+
+
+def read_hf_config(checkpoint_dir) -> dict:
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint_dir {str(path)!r} does not exist or is not a directory")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"checkpoint_dir {str(path)!r} has no config.json")
+    return json.loads(cfg_path.read_text())
+
+
+def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
+    """model.safetensors, sharded safetensors (index), or pytorch_model.bin (weights_only=True)."""
+    path = Path(checkpoint_dir)
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        from safetensors.torch import load_file
+
+        state = {}
+        for shard in shards:
+            state.update(load_file(str(shard)))
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        state = {}
+        for b in bins:
+            state.update(torch.load(str(b), map_location="cpu", weights_only=True))
+        return state
+    raise ValueError(f"checkpoint_dir {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
+    """Build a MambaLM from a local HF checkpoint; every parameter must be found by name."""
+    cfg = MambaLMConfig.from_hf(read_hf_config(checkpoint_dir))
+    model = MambaLM(cfg)
+    state = load_hf_state_dict(checkpoint_dir)
+    state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}  # old name
+    if "lm_head.weight" not in state and cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state.get("backbone.embeddings.weight")
+    wanted = dict(model.named_parameters())
+    missing = sorted(k for k in wanted if state.get(k) is None)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    for k, p in wanted.items():
+        if tuple(state[k].shape) != tuple(p.shape):
+            raise ValueError(f"weight {k} has shape {tuple(state[k].shape)}, expected {tuple(p.shape)} from config.json")
+    model.load_state_dict({k: state[k] for k in wanted}, strict=True)
+    return model.to(dtype).eval()
