@@ -70,23 +70,143 @@ def _add_bench(sub):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here")
+    p.add_argument("--model", action="store_true", help="whole-model prefill/decode vs transformers instead of the scan")
+    p.add_argument("--configs", default="tiny,130m", help="with --model: comma-separated, from tiny,130m")
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=32)
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args):
-    from .bench import bench_scan, format_scan_bench, write_json
+    from .bench import bench_model, bench_scan, format_model_bench, format_scan_bench, write_json
 
-    results = bench_scan(regime=args.regime, repeats=args.repeats, chunk_size=args.chunk_size)
-    print(format_scan_bench(results))
+    if args.model:
+        results = bench_model(configs=tuple(c for c in args.configs.split(",") if c), prefill_len=args.prefill_len,
+                              decode_tokens=args.decode_tokens, repeats=args.repeats)
+        print(format_model_bench(results))
+    else:
+        results = bench_scan(regime=args.regime, repeats=args.repeats, chunk_size=args.chunk_size)
+        print(format_scan_bench(results))
     if args.json_path:
         write_json(results, args.json_path)
     return 0
 
 
+def _add_export_model(sub):
+    p = sub.add_parser("export-model", help="export a local HF Mamba/FalconMamba checkpoint to ONNX with state I/O")
+    p.add_argument("checkpoint_dir")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically on success)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--target", default="portable")
+    p.add_argument("--opset", type=int, default=None)
+    p.set_defaults(func=cmd_export_model)
+
+
+def cmd_export_model(args):
+    import json
+
+    from .onnx.model_export import DESCRIPTION_FILE, export_model
+
+    out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset)
+    d = json.loads((out / DESCRIPTION_FILE).read_text())
+    print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}, "
+          f"IR {d['ir_version']}, opset {d['opset']}, {d['node_count']} nodes")
+    return 0
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="generate from an export directory with onnxruntime (no torch)")
+    p.add_argument("export_dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text, tokenized with the export's tokenizer.json")
+    src.add_argument("--input-ids", help="comma-separated token ids, e.g. 5,6,7")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-token-id", type=int, default=None, help="defaults to the model's eos_token_id")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help='print {"tokens": [...], "text": ...} at the end')
+    p.set_defaults(func=cmd_generate)
+
+
+def generate_options(args) -> dict:
+    from .runtime.generate import Sampling
+
+    sampling = Sampling(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+    return {"sampling": sampling, "stop_token_id": args.stop_token_id}
+
+
+def cmd_generate(args):
+    import json
+
+    from .runtime.generate import ExportedMamba, generate
+    from .runtime.tokenizer import load_tokenizer
+
+    model = ExportedMamba(args.export_dir, args.provider)
+    tokenizer = load_tokenizer(args.export_dir, required=args.prompt is not None)
+    if args.prompt is not None:
+        ids = tokenizer.encode(args.prompt).ids
+    else:
+        try:
+            ids = [int(t) for t in args.input_ids.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+    opts = generate_options(args)
+    if opts["stop_token_id"] is None:
+        opts["stop_token_id"] = model.description.get("eos_token_id")
+
+    def stream(_row, tok):
+        piece = tokenizer.decode([tok]) if tokenizer else f"{tok} "
+        print(piece, end="", flush=True)
+
+    (tokens,) = generate(model, [ids], args.max_new_tokens, on_token=None if args.json else stream, **opts)
+    text = tokenizer.decode(tokens) if tokenizer else None
+    if args.json:
+        print(json.dumps({"tokens": tokens, "text": text}))
+    else:
+        print()
+    return 0
+
+
+def _add_verify(sub):
+    p = sub.add_parser("verify", help="compare an export with transformers on its checkpoint")
+    p.add_argument("export_dir")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args):
+    from .verify import verify_export
+
+    report = verify_export(args.export_dir, args.checkpoint, n_tokens=args.tokens, provider=args.provider)
+    print(report.format())
+    return 0 if report.passed else 1
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="tiny Mamba: checkpoint -> export -> onnxruntime generate -> verify")
+    p.add_argument("--model-type", default="mamba", choices=["mamba", "falcon_mamba"])
+    p.add_argument("--workdir", default=None, help="keep the checkpoint and export here (default: a temp dir)")
+    p.add_argument("--tokens", type=int, default=20)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    return 0 if run_demo(args.workdir, args.model_type, args.tokens) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scan-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_scan, _add_check, _add_bench):
+    for add in (_add_scan, _add_check, _add_bench, _add_export_model, _add_generate, _add_verify, _add_demo):
         add(sub)
     return parser
 

@@ -106,7 +106,7 @@ def test_chunked_long_heavy_sequences_stay_finite_and_flat(seqlen):
     assert rel_err(selective_scan_chunked(**kw), ref) < RTOL_F32
 
 
-@pytest.mark.parametrize("form", ["plain", "hillis_steele"])
+@pytest.mark.parametrize("form", ["plain", "subchunked"])
 def test_each_chunk_form_alone(form, monkeypatch):
     """Force one in-chunk form for every chunk (init regime, Λ(T=16) ≈ 25, inside both forms' range)."""
     monkeypatch.setattr(ss, "PLAIN_MAX_DECAY", float("inf") if form == "plain" else -1.0)
@@ -117,7 +117,7 @@ def test_each_chunk_form_alone(form, monkeypatch):
 
 
 def test_plain_form_alone_overflows_where_the_gate_switches():
-    """Why the gate exists: at Λ = 500 cumsum/divide alone is non-finite, Hillis–Steele is exact."""
+    """Why the gate exists: at Λ = 500 cumsum/divide alone is non-finite; the sub-chunked form is exact."""
     A_g = torch.full((1, 2, 3, 1), -500.0)  # (g, hd, n, 1)
     dt = torch.full((1, 1, 2, 1, 16), 1.0 / 16)  # (b, g, hd, 1, t): ΣΔ = 1 over the chunk
     S = dt.cumsum(-1)
@@ -125,7 +125,7 @@ def test_plain_form_alone_overflows_where_the_gate_switches():
     h = torch.zeros(1, 1, 2, 3)
     assert ss.chunk_decay(A_g, S[..., -1:]) > ss.PLAIN_MAX_DECAY
     assert not torch.isfinite(ss.chunk_states_plain(h, A_g, S, X)).all()
-    H = ss.chunk_states_hillis_steele(h, A_g, dt, S, X)
+    H = ss.chunk_states_subchunked(h, A_g, dt, X)
     a = torch.exp(torch.tensor(-500.0 / 16))  # sequential: h_t = a·h_{t−1} + 1
     want = torch.stack([sum(a**k for k in range(t + 1)) for t in range(16)])
     torch.testing.assert_close(H[0, 0, 0, 0], want, rtol=1e-6, atol=0)

@@ -6,7 +6,7 @@ the arithmetic follows transformers' `MambaMixer` slow path step for step.
 
 Glossary: b batch, l seqlen, h hidden_size, d intermediate_size (d_inner), n state_size,
 K conv_kernel, r time_step_rank, V vocab_size.
-Per layer i the state is conv_state_i: (b, d, K−1) and ssm_state_i: (b, d, n) (float32).
+Per layer i the state is conv_state_i: (b, K−1, d) and ssm_state_i: (b, d, n) (float32).
 """
 
 from __future__ import annotations
@@ -103,18 +103,23 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.use_bias)
 
     def forward(self, x, conv_state, ssm_state):
-        """x: (b, l, h), conv_state: (b, d, K−1), ssm_state: (b, d, n) -> (y: (b, l, h), conv_state', ssm_state')"""
+        """x: (b, l, h), conv_state: (b, K−1, d), ssm_state: (b, d, n) -> (y: (b, l, h), conv_state', ssm_state')
+
+        Activations stay (b, l, ·) around every linear layer; only the scan sees (b, d, l), and in
+        the exported graph those transposes cancel against the lowering's own.
+        """
         cfg = self.cfg
-        u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (b, d, l) each
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         u, conv_state = causal_conv1d_with_state(u, conv_state, self.conv1d.weight, self.conv1d.bias)
         u = F.silu(u)
-        dt, B, C = self.x_proj(u.transpose(1, 2)).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
+        dt, B, C = self.x_proj(u).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         if cfg.model_type == "falcon_mamba":
             dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
-        dt = self.dt_proj.weight @ dt.transpose(1, 2)  # (b, d, l), bias goes in as delta_bias
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias goes in as delta_bias
         y, ssm_state = selective_scan_fn(
-            u, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-            self.D.float(), z, self.dt_proj.bias.float(), True, return_last_state=True, initial_state=ssm_state,
+            u.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
+            C.transpose(1, 2), self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), True,
+            return_last_state=True, initial_state=ssm_state,
         )
         return self.out_proj(y.transpose(1, 2).to(x.dtype)), conv_state, ssm_state
 
@@ -163,7 +168,7 @@ class MambaLM(nn.Module):
         dtype = dtype or self.lm_head.weight.dtype
         out = []
         for _ in range(cfg.num_hidden_layers):
-            out.append(torch.zeros(batch, cfg.intermediate_size, cfg.conv_kernel - 1, dtype=dtype))
+            out.append(torch.zeros(batch, cfg.conv_kernel - 1, cfg.intermediate_size, dtype=dtype))
             out.append(torch.zeros(batch, cfg.intermediate_size, cfg.state_size, dtype=torch.float32))
         return out
 

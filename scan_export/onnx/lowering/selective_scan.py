@@ -11,7 +11,8 @@ Graph (mirrors reference.selective_scan_chunked, docs/derivation.md):
      Loop i < nc, carrying h: (b, g, n, hd), scanning out y_i: (T, b, g, hd)
        S = CumSum(Δ_i) ; Λ = max |A|·S_end
        If Λ < PLAIN_MAX_DECAY: cumsum/divide around the chunk midpoint    (~10 passes)
-       else:                   Hillis–Steele over (exp(Δ·A), Δ·u·B)        (~5·log2 T + 5 passes)
+       else:                   the same inside sub-chunks of 2, with each step's log-decay
+                               clamped at −20 and the recurrence between sub-chunks  (~14 passes)
   4. y = unpad(y) + D·u, · silu(z); cast back to the input dtype once.
 Every dimension stays dynamic; the node count does not depend on l.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from ...reference.selective_scan import DEFAULT_CHUNK_SIZE, PLAIN_MAX_DECAY
+from ...reference.selective_scan import DEFAULT_CHUNK_SIZE, PLAIN_MAX_DECAY, STEP_LOG_DECAY_MIN, subchunk_size
 from .graph_builder import INT64_MAX, GraphBuilder, value_info
 
 BC_LAYOUTS = ("fixed", "variable", "grouped")  # (d, n) | (b, n, l) | (b, g, n, l)
@@ -77,22 +78,28 @@ def emit_selective_scan(
     u, dt, A, B, C, D, z, delta_bias, initial_state = map(
         to_f, (u, delta, A, B, C, D, z, delta_bias, initial_state)
     )
+    # Work channels-last, (b, l, d): every later broadcast is then over the last axis. In a model
+    # whose activations are (b, l, d) already, these transposes cancel against the model's own.
+    u, dt, z = (x if x is None else gb.op("Transpose", x, perm=[0, 2, 1]) for x in (u, dt, z))
 
     # 1. Δ and Δ·u over the whole sequence.
     if delta_bias is not None:
-        dt = gb.op("Add", dt, gb.op("Unsqueeze", delta_bias, gb.ints(1)))  # (b, d, l) + (d, 1)
+        dt = gb.op("Add", dt, delta_bias)  # (b, l, d) + (d,)
     if cfg.delta_softplus:
         dt = _emit_softplus(gb, dt, f, fnp)
-    du = gb.op("Mul", dt, u)  # (b, d, l)
+    du = gb.op("Mul", dt, u)  # (b, l, d)
 
     shape_u = gb.op("Shape", u)
-    b_, d_, l_ = (gb.op("Slice", shape_u, gb.ints(k), gb.ints(k + 1)) for k in range(3))
-    n_ = gb.op("Slice", gb.op("Shape", A), gb.ints(1), gb.ints(2))
+    b_, l_ = (gb.op("Slice", shape_u, gb.ints(k), gb.ints(k + 1)) for k in range(2))
+    # d and n from A, a weight: in an exported model the optimizer can then fold A's layout change.
+    shape_A = gb.op("Shape", A)
+    d_, n_ = (gb.op("Slice", shape_A, gb.ints(k), gb.ints(k + 1)) for k in range(2))
     if cfg.bc_layout == "grouped":
         g_ = gb.op("Slice", gb.op("Shape", B), gb.ints(1), gb.ints(2))
+        B, C = (gb.op("Transpose", x, perm=[0, 3, 1, 2]) for x in (B, C))  # (b, g, n, l) -> (b, l, g, n)
     elif cfg.bc_layout == "variable":
         g_ = gb.ints(1)
-        B, C = (gb.op("Unsqueeze", x, gb.ints(1)) for x in (B, C))  # (b, n, l) -> (b, 1, n, l)
+        B, C = (gb.op("Unsqueeze", gb.op("Transpose", x, perm=[0, 2, 1]), gb.ints(2)) for x in (B, C))  # (b, l, 1, n)
     else:
         g_ = d_  # fixed (d, n): one group per channel
     hd_ = gb.op("Div", d_, g_)
@@ -113,13 +120,14 @@ def emit_selective_scan(
         "If", gb.op("Squeeze", gb.op("Equal", l_, gb.ints(1)), gb.ints(0)), n_out=2,
         then_branch=step.graph("single_step", [], [value_info(y_step, f), value_info(h_step, f)]),
         else_branch=chunked.graph("chunk_loop", [], [value_info(y_chunked, f), value_info(h_chunked, f)]),
-    )  # y: (b, d, l) scan term, h_last: (b, g, n, hd)
+    )  # y: (b, l, d) scan term, h_last: (b, g, n, hd)
 
-    # 3. Skip connection, gate, cast back once.
+    # 3. Skip connection, gate, back to (b, d, l), cast back once.
     if D is not None:
-        y = gb.op("Add", y, gb.op("Mul", u, gb.op("Unsqueeze", D, gb.ints(1))))
+        y = gb.op("Add", y, gb.op("Mul", u, D))
     if z is not None:
         y = gb.op("Mul", y, gb.op("Mul", z, gb.op("Sigmoid", z)))
+    y = gb.op("Transpose", y, perm=[0, 2, 1])
     out = y if cfg.io_dtype == f else gb.op("Cast", y, to=cfg.io_dtype)
     h_last = gb.op("Transpose", h_last, perm=[0, 1, 3, 2])  # (b, g, hd, n)
     last_state = gb.op("Reshape", h_last, gb.op("Concat", b_, d_, n_, axis=0))  # (b, d, n)
@@ -127,20 +135,21 @@ def emit_selective_scan(
 
 
 def _emit_single_step(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt, du, A_g, B, C, h0):
-    """l == 1: h = exp(Δ·A)·h0 + Δ·u·B, y = Σ_n C·h. Returns (y: (b, d, 1), h: (b, g, n, hd))."""
+    """l == 1: h = exp(Δ·A)·h0 + Δ·u·B, y = Σ_n C·h. Returns (y: (b, 1, d), h: (b, g, n, hd))."""
     bg1h = gb.op("Concat", dims.b, dims.g, gb.ints(1), dims.hd, axis=0)
-    dt1, du1 = (gb.op("Reshape", x, bg1h) for x in (dt, du))  # (b, g, 1, hd)
+    dt1, du1 = (gb.op("Reshape", x, bg1h) for x in (dt, du))  # (b, 1, d) -> (b, g, 1, hd)
     if cfg.bc_layout == "fixed":
-        fixed = gb.op("Concat", gb.ints(1), dims.d, dims.n, gb.ints(1), axis=0)
-        B, C = (gb.op("Reshape", x, fixed) for x in (B, C))  # (1, d, n, 1)
-    # B, C: (b, g, n, 1)
+        shape = gb.op("Concat", gb.ints(1), dims.d, dims.n, gb.ints(1), axis=0)  # (1, d, n, 1)
+    else:
+        shape = gb.op("Concat", dims.b, dims.g, dims.n, gb.ints(1), axis=0)  # (b, 1, g, n) -> (b, g, n, 1)
+    B, C = (gb.op("Reshape", x, shape) for x in (B, C))
     h = gb.op("Add", gb.op("Mul", gb.op("Exp", gb.op("Mul", A_g, dt1)), h0), gb.op("Mul", du1, B))  # (b, g, n, hd)
     y = gb.op("ReduceSum", gb.op("Mul", h, C), gb.ints(2), keepdims=0)  # (b, g, hd)
-    return gb.op("Reshape", y, gb.op("Concat", dims.b, dims.d, dims.l, axis=0)), h
+    return gb.op("Reshape", y, gb.op("Concat", dims.b, dims.l, dims.d, axis=0)), h
 
 
 def _emit_chunk_loop(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt, du, A_g, B, C, h0):
-    """The Loop over chunks. Returns (y: (b, d, l), h_last: (b, g, n, hd))."""
+    """The Loop over chunks. Returns (y: (b, l, d), h_last: (b, g, n, hd))."""
     f = cfg.compute_dtype
     fnp = NP_DTYPE[f]
     T = cfg.chunk_size
@@ -155,15 +164,14 @@ def _emit_chunk_loop(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt
     nc_ = gb.op("Div", lp_, T_)
     n_chunks = gb.op("Squeeze", nc_, gb.ints(0))  # scalar trip count
     tail_pads = gb.op("Concat", gb.ints(0), pad_, axis=0)
-    last_axis = gb.ints(-1)
+    time_axis = gb.ints(1)
 
-    def chunk_major(x, middle):  # (b, g, middle, l) -> (nc, T, b, g, middle)
-        x = gb.op("Pad", x, tail_pads, None, last_axis)
-        x = gb.op("Reshape", x, gb.op("Concat", b_, g_, middle, nc_, T_, axis=0))
-        return gb.op("Transpose", x, perm=[3, 4, 0, 1, 2])
+    def chunk_major(x, last):  # (b, l, g·last) -> (nc, T, b, g, last)
+        x = gb.op("Pad", x, tail_pads, None, time_axis)
+        x = gb.op("Reshape", x, gb.op("Concat", b_, nc_, T_, g_, last, axis=0))
+        return gb.op("Transpose", x, perm=[1, 2, 0, 3, 4])
 
-    bgd = gb.op("Concat", b_, g_, hd_, l_, axis=0)
-    dt_all, du_all = (chunk_major(gb.op("Reshape", x, bgd), hd_) for x in (dt, du))  # (nc, T, b, g, hd)
+    dt_all, du_all = (chunk_major(x, hd_) for x in (dt, du))  # (nc, T, b, g, hd)
     abs_A = gb.op("Abs", A_g)
     if cfg.bc_layout == "fixed":
         fixed_shape = gb.op("Concat", gb.ints(1, 1), d_, n_, gb.ints(1), axis=0)
@@ -194,7 +202,7 @@ def _emit_chunk_loop(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt
     plain = body.child("plain")
     H_plain = _emit_plain(plain, A_g, S, S_mid, X, h_in)
     stable = body.child("stable")
-    H_stable = _emit_hillis_steele(stable, A_g, dt_c, S, X, h_in, T, fnp)
+    H_stable = _emit_subchunked(stable, A_g, dt_c, X, h_in, T, fnp)
     H = body.op(
         "If", body.op("Less", decay, body.const(PLAIN_MAX_DECAY, fnp)),
         then_branch=plain.graph("plain_chunk", [], [value_info(H_plain, f)]),
@@ -216,9 +224,9 @@ def _emit_chunk_loop(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt
     h_last, y_chunks = gb.op("Loop", n_chunks, keep_going, h0, n_out=2, body=body_graph)  # (nc, T·b·g·hd)
 
     y = gb.op("Reshape", y_chunks, gb.op("Concat", nc_, T_, b_, g_, hd_, axis=0))  # (nc, T, b, g, hd)
-    y = gb.op("Transpose", y, perm=[2, 3, 4, 0, 1])  # (b, g, hd, nc, T)
-    y = gb.op("Reshape", y, gb.op("Concat", b_, d_, lp_, axis=0))  # (b, d, lp)
-    return gb.op("Slice", y, gb.ints(0), l_, gb.ints(2)), h_last  # (b, d, l) unpadded
+    y = gb.op("Transpose", y, perm=[2, 0, 1, 3, 4])  # (b, nc, T, g, hd)
+    y = gb.op("Reshape", y, gb.op("Concat", b_, lp_, d_, axis=0))  # (b, lp, d)
+    return gb.op("Slice", y, gb.ints(0), l_, gb.ints(1)), h_last  # (b, l, d) unpadded
 
 
 def _emit_softplus(gb: GraphBuilder, x, f, fnp):
@@ -243,21 +251,27 @@ def _emit_plain(gb: GraphBuilder, A_g, S, S_mid, X, h):
     return gb.op("Mul", E, gb.op("Add", cum, carried))
 
 
-def _emit_hillis_steele(gb: GraphBuilder, A_g, dt_c, S, X, h, T, fnp):
-    """Associative scan over (a, b) = (exp(Δ·A), Δ·u·B); the carried state enters separately."""
-    a = gb.op("Exp", gb.op("Mul", A_g, dt_c))  # (T, b, g, n, hd)
-    acc = X
-    axis = gb.ints(0)
-    zero, one = gb.const(0.0, fnp), gb.const(1.0, fnp)
-    shift = 1
-    while shift < T:
-        pads = gb.ints(shift, 0)
-        head = gb.ints(0)
-        cut = gb.ints(-shift)
-        acc_prev = gb.op("Pad", gb.op("Slice", acc, head, cut, axis), pads, zero, axis)  # acc shifted by `shift`
-        acc = gb.op("Add", acc, gb.op("Mul", a, acc_prev))
-        if 2 * shift < T:
-            a_prev = gb.op("Pad", gb.op("Slice", a, head, cut, axis), pads, one, axis)
-            a = gb.op("Mul", a, a_prev)
-        shift *= 2
-    return gb.op("Add", acc, gb.op("Mul", h, gb.op("Exp", gb.op("Mul", A_g, S))))
+def _emit_subchunked(gb: GraphBuilder, A_g, dt_c, X, h, T, fnp):
+    """Any decay: cumsum/divide inside sub-chunks, the recurrence between them (see the reference's
+    chunk_states_subchunked). X: (T, b, g, n, hd) -> H: (T, b, g, n, hd)."""
+    sub = subchunk_size(T)
+    m = T // sub
+    split = gb.op("Concat", gb.ints(m, sub), gb.op("Slice", gb.op("Shape", X), gb.ints(1), gb.ints(INT64_MAX)), axis=0)
+    floor = STEP_LOG_DECAY_MIN[np.dtype(fnp).name]
+    log_a = gb.op("Max", gb.op("Mul", A_g, dt_c), gb.const(floor, fnp))  # (T, b, g, n, hd)
+    P = gb.op("CumSum", gb.op("Reshape", log_a, split), gb.const(1, np.int64))  # (m, sub, b, g, n, hd)
+    last = (gb.ints(-1), gb.ints(INT64_MAX), gb.ints(1))
+    P_end = gb.op("Slice", P, *last)  # (m, 1, b, g, n, hd)
+    E = gb.op("Exp", gb.op("Sub", P, gb.op("Mul", P_end, gb.const(0.5, fnp))))
+    local = gb.op("Mul", E, gb.op("CumSum", gb.op("Div", gb.op("Reshape", X, split), E), gb.const(1, np.int64)))
+    decay_end = gb.op("Exp", gb.op("Squeeze", P_end, gb.ints(1)))  # (m, b, g, n, hd)
+    local_end = gb.op("Squeeze", gb.op("Slice", local, *last), gb.ints(1))
+    carries = []
+    for j in range(m):  # the state entering sub-chunk j; m = T / sub is static
+        carries.append(gb.op("Unsqueeze", h, gb.ints(0)))
+        if j < m - 1:
+            at = gb.const(j, np.int64)
+            h = gb.op("Add", gb.op("Mul", gb.op("Gather", decay_end, at, axis=0), h), gb.op("Gather", local_end, at, axis=0))
+    carried = gb.op("Unsqueeze", gb.op("Concat", *carries, axis=0), gb.ints(1))  # (m, 1, b, g, n, hd)
+    H = gb.op("Add", local, gb.op("Mul", gb.op("Exp", P), carried))
+    return gb.op("Reshape", H, gb.op("Shape", X))

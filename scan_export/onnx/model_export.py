@@ -1,0 +1,136 @@
+"""Whole-model export: a local HF Mamba / FalconMamba checkpoint -> OUT_DIR with one ONNX graph.
+
+The graph serves prefill (any l) and decode (l = 1) alike; the state goes in and out per layer:
+
+  inputs   input_ids: (batch, seqlen) int64
+           past.{i}.conv_state: (batch, K−1, d_inner) model dtype,  past.{i}.ssm_state: (batch, d_inner, n) float32
+  outputs  logits: (batch, seqlen, vocab)
+           present.{i}.conv_state, present.{i}.ssm_state (same shapes as the inputs)
+
+OUT_DIR holds model.onnx (+ model.onnx.data past 2 GB), scan_export.json (the I/O contract that
+runtime.generate and the Node/web hosts read), and the checkpoint's tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .targets import DEFAULT_TARGET, resolve_target
+
+DESCRIPTION_FILE = "scan_export.json"
+MODEL_FILE = "model.onnx"
+FORMAT = "scan_export/mamba-lm"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json")
+EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for the graph itself
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+def state_names(num_layers: int) -> list[tuple[str, str]]:
+    """[(input name, output name)] in the order the graph takes them: conv then ssm, layer by layer."""
+    names = []
+    for i in range(num_layers):
+        for kind in ("conv_state", "ssm_state"):
+            names.append((f"past.{i}.{kind}", f"present.{i}.{kind}"))
+    return names
+
+
+def describe(cfg, dtype: str, target, node_count: int) -> dict:
+    d, k, n = cfg.intermediate_size, cfg.conv_kernel, cfg.state_size
+    state = []
+    for i in range(cfg.num_hidden_layers):
+        state.append({
+            "layer": i,
+            "conv_state": {"input": f"past.{i}.conv_state", "output": f"present.{i}.conv_state",
+                           "shape": ["batch", k - 1, d], "dtype": dtype,
+                           "meaning": "the last K-1 inputs of the depthwise conv, oldest first, channels last"},
+            "ssm_state": {"input": f"past.{i}.ssm_state", "output": f"present.{i}.ssm_state",
+                          "shape": ["batch", d, n], "dtype": "float32",
+                          "meaning": "the selective-scan state h"},
+        })
+    return {
+        "format": FORMAT, "version": 1, "model_file": MODEL_FILE, "model_type": cfg.model_type,
+        "dtype": dtype, "ir_version": target.ir_version, "opset": target.opset, "target": target.name,
+        "vocab_size": cfg.vocab_size, "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+        "intermediate_size": d, "state_size": n, "conv_kernel": k,
+        "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id, "node_count": node_count,
+        "inputs": [{"name": "input_ids", "shape": ["batch", "seqlen"], "dtype": "int64"}]
+        + [{"name": s[kind]["input"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
+           for s in state for kind in ("conv_state", "ssm_state")],
+        "outputs": [{"name": "logits", "shape": ["batch", "seqlen", cfg.vocab_size], "dtype": dtype}]
+        + [{"name": s[kind]["output"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
+           for s in state for kind in ("conv_state", "ssm_state")],
+        "state": state,
+        "state_init": "zeros: a new sequence starts from all-zero conv and ssm states",
+    }
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
+
+
+def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
+                 opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
+                 example_seqlen: int = 8) -> Path:
+    """Export a local checkpoint. Writes into a temporary directory next to out_dir and moves it
+    into place only when everything (export, checks, description) succeeded."""
+    import torch
+
+    from ..reference.models import load_mamba_lm
+    from .export import export
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    tgt = resolve_target(target, opset)
+    model = load_mamba_lm(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
+    cfg = model.cfg
+    names = state_names(cfg.num_hidden_layers)
+    dyn = torch.export.Dim.DYNAMIC
+    example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
+    example_state = model.zero_state(2)
+    dynamic_shapes = ({0: dyn, 1: dyn}, tuple({0: dyn} for _ in example_state))  # forward(ids, *states)
+    with torch.no_grad():
+        proto = export(
+            model, (example_ids, *example_state), dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
+            input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
+        )
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        path = staging / MODEL_FILE
+        if _initializer_bytes(proto) > external_data_bytes:
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=MODEL_FILE + ".data", size_threshold=1024, convert_attribute=True)
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.save_model(proto, str(path))
+        description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
+        (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
+        for name in TOKENIZER_FILES:
+            src = Path(checkpoint_dir) / name
+            if src.is_file():
+                shutil.copy2(src, staging / name)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Swap new into dest; an existing dest is removed only after the new one is in place."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)

@@ -1,0 +1,236 @@
+"""Whole-model export of HF Mamba / FalconMamba checkpoints, and generation in onnxruntime."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the model tests compare against transformers")
+
+from scan_export.cli import main  # noqa: E402
+from scan_export.onnx.model_export import DESCRIPTION_FILE, export_model  # noqa: E402
+from scan_export.runtime.generate import ExportedMamba, Sampling, generate  # noqa: E402
+from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
+from scan_export.verify import verify_export  # noqa: E402
+
+from .test_export_module import op_histogram  # noqa: E402
+
+MODEL_TYPES = ["mamba", "falcon_mamba"]
+HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM"}
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [42]]
+# fp32 export vs transformers fp32: same algebra, different kernels; measured ~6e-7 (README).
+LOGITS_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES)
+def exported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = make_tiny_checkpoint(root / "ckpt", request.param)
+    out = export_model(ckpt, root / "export")
+    hf = getattr(transformers, HF_CLASSES[request.param]).from_pretrained(str(ckpt)).eval()
+    return ckpt, out, hf, ExportedMamba(out)
+
+
+@pytest.mark.parametrize("seqlen", [1, 7, 64, 100])
+def test_logits_match_transformers(exported, seqlen):
+    _, _, hf, model = exported
+    ids = np.random.default_rng(seqlen).integers(0, model.vocab_size, (2, seqlen))
+    logits, _ = model.forward(ids, model.zero_state(2))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids)).logits.numpy()
+    rel = np.abs(logits - ref).max() / np.abs(ref).max()
+    assert rel < LOGITS_RTOL, f"logits rel error {rel:.2e} at seqlen {seqlen}"
+
+
+def test_greedy_tokens_match_transformers_generate(exported):
+    _, _, hf, model = exported
+    ours = generate(model, PROMPTS, 32)
+    for prompt, got in zip(PROMPTS, ours):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+        assert got == want
+    assert len({tuple(t) for t in ours}) == 3 and all(len(set(t)) > 4 for t in ours)  # not a degenerate model
+
+
+def test_ragged_batch_equals_single_prompts(exported):
+    _, _, _, model = exported
+    batched = generate(model, PROMPTS, 32)
+    singles = [generate(model, [p], 32)[0] for p in PROMPTS]
+    assert batched == singles
+
+
+def test_prefill_then_decode_equals_one_long_prefill(exported):
+    _, _, _, model = exported
+    ids = np.random.default_rng(1).integers(0, model.vocab_size, (2, 40))
+    full, full_state = model.forward(ids, model.zero_state(2))
+    _, state = model.forward(ids[:, :30], model.zero_state(2))
+    steps = []
+    for t in range(30, 40):
+        logits, state = model.forward(ids[:, t:t + 1], state)
+        steps.append(logits[:, 0])
+    np.testing.assert_allclose(np.stack(steps, 1), full[:, 30:], rtol=0, atol=1e-4 * np.abs(full).max())
+    for a, b in zip(state, full_state):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(b).max()))
+
+
+def test_verify_passes(exported):
+    ckpt, out, _, _ = exported
+    report = verify_export(out, ckpt, n_tokens=8, n_prompts=1)
+    assert report.passed, report.format()
+    assert len(report.states) == 4 and len(report.logits) == 4
+
+
+def test_description_is_the_io_contract(exported):
+    _, out, _, model = exported
+    desc = json.loads((out / DESCRIPTION_FILE).read_text())
+    graph = onnx.load(str(out / desc["model_file"]), load_external_data=False).graph
+    assert [i["name"] for i in desc["inputs"]] == [i.name for i in graph.input]
+    assert [o["name"] for o in desc["outputs"]] == [o.name for o in graph.output]
+    assert desc["num_layers"] == 2 and len(desc["state"]) == 2 and desc["vocab_size"] == 256
+    assert desc["ir_version"] <= 10 and desc["opset"] <= 21
+
+
+def test_node_count_does_not_depend_on_export_length(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    a = export_model(ckpt, tmp_path / "a", example_seqlen=4)
+    b = export_model(ckpt, tmp_path / "b", example_seqlen=96)
+    ha, hb = (op_histogram(onnx.load(str(p / "model.onnx"))) for p in (a, b))
+    assert ha == hb
+    assert ha["Loop"] == 2  # one Loop over chunks per layer, no per-token unrolling
+
+
+def test_generation_runs_where_torch_cannot_be_imported(exported):
+    _, out, _, model = exported
+    want = generate(model, [PROMPTS[0]], 12)[0]
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from scan_export.cli import main\n"
+        f"sys.exit(main(['generate', {str(out)!r}, '--input-ids', '5,6,7', '--max-new-tokens', '12', '--json']))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["tokens"] == want
+    probe = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; import torch"],
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "import of torch halted" in probe.stderr
+
+
+def test_sampling_is_seeded_and_filters(exported):
+    _, _, _, model = exported
+    s = Sampling(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    a, b = generate(model, PROMPTS, 16, sampling=s), generate(model, PROMPTS, 16, sampling=s)
+    assert a == b
+    assert generate(model, PROMPTS, 16, sampling=Sampling(do_sample=True, top_k=1, seed=5)) == generate(model, PROMPTS, 16)
+
+
+def test_stop_token_and_streaming(exported):
+    _, _, _, model = exported
+    free = generate(model, [PROMPTS[1]], 20)[0]
+    stop = free[5]
+    streamed = []
+    got = generate(model, [PROMPTS[1]], 20, stop_token_id=stop, on_token=lambda r, t: streamed.append((r, t)))[0]
+    assert got == free[: free.index(stop) + 1] and streamed == [(0, t) for t in got]
+
+
+def test_cli_generate_json_and_stream(exported, capsys):
+    _, out, _, model = exported
+    want = generate(model, [[5, 6, 7]], 6)[0]
+    assert main(["generate", str(out), "--input-ids", "5,6,7", "--max-new-tokens", "6", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"tokens": want, "text": None}
+    assert main(["generate", str(out), "--input-ids", "5,6,7", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in want]
+
+
+def test_token_id_out_of_vocab_is_refused(exported, capsys):
+    _, out, _, model = exported
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 256\) \(vocab_size\), got token id 256"):
+        generate(model, [[1, 256]], 3)
+    assert main(["generate", str(out), "--input-ids", "1,999", "--max-new-tokens", "2"]) == 2
+    assert "vocab_size" in capsys.readouterr().err
+
+
+def test_prompt_needs_a_tokenizer(exported, capsys):
+    _, out, _, _ = exported
+    assert main(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "2"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
+def _no_leftovers(parent):
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_checkpoints_give_clear_errors_and_no_partial_output(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="does not exist"):
+        export_model(tmp_path / "nope", out)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"model_type must be one of \['mamba', 'falcon_mamba'\], got 'llama'"):
+        export_model(bad, out)
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    for f in ckpt.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match="has no weights"):
+        export_model(ckpt, out)
+    assert not out.exists() and _no_leftovers(tmp_path) == []
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    (shard,) = ckpt.glob("*.safetensors")
+    state = load_file(str(shard))
+    del state["backbone.layers.1.mixer.A_log"]
+    save_file(state, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing 1 weight.*backbone.layers.1.mixer.A_log"):
+        export_model(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pytorch_model_bin_and_external_data(tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "falcon_mamba")
+    (shard,) = ckpt.glob("*.safetensors")
+    torch.save(load_file(str(shard)), ckpt / "pytorch_model.bin")
+    shard.unlink()
+    out = export_model(ckpt, tmp_path / "out", external_data_bytes=0)  # force the > 2 GB layout
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    big = [t for t in graph.initializer if t.dims and np.prod(t.dims) * 4 > 1024]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    assert (out / "model.onnx.data").stat().st_size >= sum(int(np.prod(t.dims)) * 4 for t in big)
+    model = ExportedMamba(out)
+    hf = transformers.FalconMambaForCausalLM.from_pretrained(str(ckpt)).eval()
+    ids = np.array([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(model.forward(ids, model.zero_state(1))[0] - ref).max() / np.abs(ref).max() < LOGITS_RTOL
+
+
+def test_export_replaces_an_existing_directory_atomically(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export_model(ckpt, out)
+    assert not (out / "stale.txt").exists() and (out / DESCRIPTION_FILE).exists()
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_fp16_export_runs(tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    out16 = export_model(ckpt, tmp_path / "fp16", dtype="fp16")
+    report = verify_export(out16, ckpt, prompt_lengths=(1, 33), n_tokens=8, n_prompts=1)
+    # fp16 weights and activations against fp32 transformers: the final cast dominates (~1e-3).
+    assert all(m.rel < 2e-2 for m in report.logits), report.format()
+
+
+def test_demo_runs_end_to_end(capsys):
+    assert main(["demo", "--tokens", "5"]) == 0
+    assert "PASS" in capsys.readouterr().out
