@@ -11,7 +11,8 @@ from onnx import helper
 
 from .lowering.graph_builder import GraphBuilder
 from .lowering.selective_scan import SelectiveScanConfig, emit_selective_scan
-from .ops import ONNX_DOMAIN, SCAN_INPUTS, onnx_translation_table
+from .lowering.ssd import SSDConfig, emit_ssd_scan
+from .ops import ONNX_DOMAIN, SCAN_INPUTS, SSD_INPUTS, onnx_translation_table
 from .targets import DEFAULT_TARGET, MIN_OPSET, resolve_target
 
 
@@ -20,7 +21,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def lower_custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace each scan_export.SelectiveScan node with its Loop-over-chunks graph, in place."""
+    """Replace each scan_export.SelectiveScan / SSDScan node with its Loop-over-chunks graph, in place."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = model.graph
     new_nodes = []
@@ -28,18 +29,23 @@ def lower_custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.domain != ONNX_DOMAIN:
             new_nodes.append(node)
             continue
-        if node.op_type != "SelectiveScan":
+        if node.op_type not in ("SelectiveScan", "SSDScan"):
             raise ValueError(f"unknown {ONNX_DOMAIN} node {node.op_type!r}")
         if opset < MIN_OPSET:
-            raise ValueError(f"the selective scan lowering needs opset >= {MIN_OPSET}, the model has {opset}")
+            raise ValueError(f"the scan lowerings need opset >= {MIN_OPSET}, the model has {opset}")
         a = _attrs(node)
-        cfg = SelectiveScanConfig(
-            io_dtype=a["io_dtype"], bc_layout=a["bc_layout"].decode() if isinstance(a["bc_layout"], bytes) else a["bc_layout"],
-            delta_softplus=bool(a["delta_softplus"]), chunk_size=a["chunk_size"],
-        )
-        names = dict(zip(SCAN_INPUTS, [i or None for i in node.input]))
-        gb = GraphBuilder(f"selective_scan_{k}")
-        out, last_state = emit_selective_scan(gb, cfg, **names)
+        if node.op_type == "SelectiveScan":
+            cfg = SelectiveScanConfig(
+                io_dtype=a["io_dtype"], bc_layout=a["bc_layout"].decode() if isinstance(a["bc_layout"], bytes) else a["bc_layout"],
+                delta_softplus=bool(a["delta_softplus"]), chunk_size=a["chunk_size"],
+            )
+            gb = GraphBuilder(f"selective_scan_{k}")
+            out, last_state = emit_selective_scan(gb, cfg, **dict(zip(SCAN_INPUTS, [i or None for i in node.input])))
+        else:
+            cfg = SSDConfig(io_dtype=a["io_dtype"], chunk_size=a["chunk_size"], dt_softplus=bool(a["dt_softplus"]),
+                            dt_limit=(a["dt_limit_lo"], a["dt_limit_hi"]), d_per_channel=bool(a["d_per_channel"]))
+            gb = GraphBuilder(f"ssd_scan_{k}")
+            out, last_state = emit_ssd_scan(gb, cfg, **dict(zip(SSD_INPUTS, [i or None for i in node.input])))
         # Route the lowering's results to the names the rest of the graph already uses.
         gb.nodes.append(helper.make_node("Identity", [out], [node.output[0]], name=gb.name("out")))
         if len(node.output) > 1 and node.output[1]:

@@ -6,38 +6,28 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.custom_ops import SCAN_INPUTS, selective_scan_fn, selective_scan_op  # noqa: F401 (re-export)
+from ..reference.custom_ops import SCAN_INPUTS, SSD_INPUTS, selective_scan_fn, selective_scan_op  # noqa: F401
 from ..reference.selective_scan import DEFAULT_CHUNK_SIZE
 
 ONNX_DOMAIN = "scan_export"
 
 
-def _register_onnx_schema():
+def _register_onnx_schema(op_type: str, inputs, outputs, n_required: int, attributes: dict):
     """The exporter's tracer only emits ops it has a schema for, so describe our node to onnx."""
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has("SelectiveScan", ONNX_DOMAIN):
+    if onnx.defs.has(op_type, ONNX_DOMAIN):
         return
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
-    optional = OpSchema.FormalParameterOption.Optional
-    params = [
-        OpSchema.FormalParameter(name, f"T_{name}", param_option=optional if i >= 5 else OpSchema.FormalParameterOption.Single)
-        for i, name in enumerate(SCAN_INPUTS)
-    ]
-    outs = [OpSchema.FormalParameter(name, f"T_{name}") for name in ("out", "last_state")]
-    attr = OpSchema.Attribute
+    option = OpSchema.FormalParameterOption
+    params = [OpSchema.FormalParameter(name, f"T_{name}", param_option=option.Optional if i >= n_required else option.Single)
+              for i, name in enumerate(inputs)]
+    outs = [OpSchema.FormalParameter(name, f"T_{name}") for name in outputs]
     schema = OpSchema(
-        "SelectiveScan", ONNX_DOMAIN, 1,
-        doc="Mamba-1 selective scan; replaced by scan_export.onnx.export with a Loop over chunks.",
-        inputs=params, outputs=outs,
-        type_constraints=[(p.type_str, floats, "") for p in params + outs],
-        attributes=[
-            attr("delta_softplus", OpSchema.AttrType.INT, ""),
-            attr("chunk_size", OpSchema.AttrType.INT, ""),
-            attr("bc_layout", OpSchema.AttrType.STRING, ""),
-            attr("io_dtype", OpSchema.AttrType.INT, ""),
-        ],
+        op_type, ONNX_DOMAIN, 1, doc=f"scan_export {op_type}; replaced by scan_export.onnx.export with a Loop over chunks.",
+        inputs=params, outputs=outs, type_constraints=[(q.type_str, floats, "") for q in params + outs],
+        attributes=[OpSchema.Attribute(name, kind, "") for name, kind in attributes.items()],
     )
     onnx.defs.register_schema(schema)
 
@@ -47,8 +37,17 @@ def onnx_translation_table() -> dict:
     import onnx_ir as ir
     import onnxscript
 
-    _register_onnx_schema()
-    node = onnxscript.values.Op(onnxscript.values.Opset(ONNX_DOMAIN, 1), "SelectiveScan")
+    from onnx.defs import OpSchema
+
+    INT, FLOAT, STRING = OpSchema.AttrType.INT, OpSchema.AttrType.FLOAT, OpSchema.AttrType.STRING
+    _register_onnx_schema("SelectiveScan", SCAN_INPUTS, ("out", "last_state"), 5,
+                          {"delta_softplus": INT, "chunk_size": INT, "bc_layout": STRING, "io_dtype": INT})
+    _register_onnx_schema("SSDScan", SSD_INPUTS, ("y", "final_states"), 5,
+                          {"chunk_size": INT, "dt_softplus": INT, "dt_limit_lo": FLOAT, "dt_limit_hi": FLOAT,
+                           "d_per_channel": INT, "io_dtype": INT})
+    opset = onnxscript.values.Opset(ONNX_DOMAIN, 1)
+    node = onnxscript.values.Op(opset, "SelectiveScan")
+    ssd_node = onnxscript.values.Op(opset, "SSDScan")
 
     def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
                        delta_softplus: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
@@ -64,4 +63,18 @@ def onnx_translation_table() -> dict:
         last_state.shape = ir.Shape([u.shape[0], u.shape[1], A.shape[1]])
         return out, last_state
 
-    return {torch.ops.scan_export.selective_scan.default: selective_scan}
+    def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, chunk_size: int = 64,
+                 dt_softplus: bool = False, dt_limit_lo: float = 0.0, dt_limit_hi: float = float("inf")):
+        y, final = ssd_node(
+            x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size=chunk_size, dt_softplus=int(dt_softplus),
+            dt_limit_lo=float(dt_limit_lo), dt_limit_hi=min(float(dt_limit_hi), 3.0e38),
+            d_per_channel=int(D is not None and len(D.shape) == 2), io_dtype=int(x.dtype), _outputs=2,
+        )
+        y.type, y.shape = ir.TensorType(x.dtype), x.shape
+        state_dtype = ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+        final.type = ir.TensorType(state_dtype)
+        final.shape = ir.Shape([x.shape[0], x.shape[2], x.shape[3], B.shape[3]])
+        return y, final
+
+    return {torch.ops.scan_export.selective_scan.default: selective_scan,
+            torch.ops.scan_export.ssd_scan.default: ssd_scan}

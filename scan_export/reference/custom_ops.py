@@ -76,3 +76,66 @@ def selective_scan_fn(
         u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), int(chunk_size)
     )
     return (out, last_state) if return_last_state else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Mamba-2 (SSD)
+
+from .ssd import SSD_DEFAULT_CHUNK_SIZE, check_ssd_inputs, ssd_scan_chunked  # noqa: E402
+
+SSD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+@torch.library.custom_op("scan_export::ssd_scan", mutates_args=())
+def ssd_scan_op(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+    initial_states: Optional[torch.Tensor], chunk_size: int, dt_softplus: bool, dt_limit_lo: float,
+    dt_limit_hi: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, final = ssd_scan_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus,
+                                (dt_limit_lo, dt_limit_hi), True)
+    return y.contiguous().clone(), final.contiguous().clone()
+
+
+@ssd_scan_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_limit_lo, dt_limit_hi):
+    b, _, h, p = x.shape
+    return torch.empty_like(x), x.new_empty((b, h, p, B.shape[-1]), dtype=compute_dtype(x))
+
+
+def _ssd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9])
+    ctx.options = inputs[9:]
+
+
+def _ssd_backward(ctx, grad_y, grad_final):
+    leaves = [x.detach().requires_grad_(True) if x is not None and ctx.needs_input_grad[i] else x
+              for i, x in enumerate(ctx.saved_tensors)]
+    wanted = [x for i, x in enumerate(leaves) if x is not None and ctx.needs_input_grad[i]]
+    chunk_size, softplus, lo, hi = ctx.options
+    with torch.enable_grad():
+        y, final = ssd_scan_chunked(*leaves[:5], chunk_size, *leaves[5:], softplus, (lo, hi), True)
+        pairs = [(o, g) for o, g in ((y, grad_y), (final, grad_final)) if g is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+    result = [next(grads) if x is not None and ctx.needs_input_grad[i] else None for i, x in enumerate(leaves)]
+    return (*result, None, None, None, None)
+
+
+ssd_scan_op.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
+
+
+def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=SSD_DEFAULT_CHUNK_SIZE, D=None, z=None, dt_bias=None,
+                              initial_states=None, seq_idx=None, dt_softplus=False,
+                              dt_limit=(0.0, float("inf")), return_final_states=False):
+    """Drop-in for mamba_ssm's `mamba_chunk_scan_combined`, exportable with torch.onnx.export(dynamo=True).
+
+    x, z: (b, l, h, p)  dt: (b, l, h)  A, dt_bias: (h,)  B, C: (b, l, g, n)  D: (h,) or (h, p)
+    initial_states: (b, h, p, n). Returns y: (b, l, h, p) and, when asked, final states (b, h, p, n).
+    """
+    if seq_idx is not None:
+        raise ValueError("seq_idx (packed variable-length sequences) is not supported; pass one sequence per batch row")
+    check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, int(chunk_size), bool(dt_softplus),
+                           float(dt_limit[0]), float(dt_limit[1]))
+    return (y, final) if return_final_states else y

@@ -73,3 +73,28 @@ def make_scan_inputs(
     out = {k: (v.to(dtype) if v is not None else None) for k, v in args.items()}
     out["delta_softplus"] = delta_softplus
     return out
+
+
+def make_ssd_inputs(regime="easy", batch=2, seqlen=33, heads=4, headdim=8, groups=1, dstate=16, *,
+                    with_D=True, d_per_channel=False, with_z=False, with_dt_bias=True, with_initial_states=False,
+                    dt_softplus=True, seed=0, dtype=torch.float32):
+    """Keyword arguments for ssd_scan_* / mamba_chunk_scan_combined; one A and Δ per head."""
+    gen = torch.Generator().manual_seed(seed)
+    A_hn, dt = make_A_delta(regime, batch, heads, 1, seqlen, gen)  # A: (h, 1), Δ: (b, h, l)
+    randn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    dt_bias = 0.1 * randn(heads) if with_dt_bias else None
+    raw = dt.transpose(1, 2)  # (b, l, h)
+    if dt_softplus:
+        raw = _inverse_softplus(raw)
+    if dt_bias is not None:
+        raw = raw - dt_bias
+    args = dict(
+        x=randn(batch, seqlen, heads, headdim), dt=raw, A=A_hn[:, 0],
+        B=randn(batch, seqlen, groups, dstate), C=randn(batch, seqlen, groups, dstate),
+        D=(randn(heads, headdim) if d_per_channel else randn(heads)) if with_D else None,
+        z=randn(batch, seqlen, heads, headdim) if with_z else None, dt_bias=dt_bias,
+        initial_states=randn(batch, heads, headdim, dstate) if with_initial_states else None,
+    )
+    out = {k: (v.to(dtype) if v is not None else None) for k, v in args.items()}
+    out["dt_softplus"] = dt_softplus
+    return out

@@ -1,0 +1,88 @@
+"""Standalone Mamba-2 SSD op models: one scan as a complete ONNX model with named, dynamic I/O.
+
+Inputs  x, dt, A, B, C, D, z, dt_bias, initial_states   (the optional ones can be left out)
+Outputs y, final_states
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import onnx
+from onnx import TensorProto, helper
+
+from ..reference.ssd import SSD_DEFAULT_CHUNK_SIZE
+from .lowering.graph_builder import GraphBuilder, value_info
+from .lowering.ssd import SSDConfig, emit_ssd_scan
+from .scan_model import ELEM_TYPES
+from .targets import DEFAULT_TARGET, resolve_target
+
+SSD_SPEC_KEY = "scan_export.ssd_spec"
+
+
+@dataclass(frozen=True)
+class SSDModelSpec:
+    """None for heads/headdim/dstate means dynamic; groups is fixed by the B/C layout."""
+
+    heads: int | None = None
+    headdim: int | None = None
+    dstate: int | None = None
+    groups: int = 1
+    with_D: bool = True
+    d_per_channel: bool = False
+    with_z: bool = False
+    with_dt_bias: bool = True
+    with_initial_states: bool = True
+    dt_softplus: bool = True
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    chunk_size: int = SSD_DEFAULT_CHUNK_SIZE
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.heads is not None and self.heads % self.groups:
+            raise ValueError(f"heads={self.heads} must be divisible by groups={self.groups}")
+        if self.dtype not in ELEM_TYPES:
+            raise ValueError(f"dtype must be one of {sorted(ELEM_TYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dt_limit", tuple(self.dt_limit))
+
+    def input_shapes(self) -> dict[str, list]:
+        h = self.heads or "heads"
+        p = self.headdim or "headdim"
+        n = self.dstate or "dstate"
+        shapes = {
+            "x": ["batch", "seqlen", h, p], "dt": ["batch", "seqlen", h], "A": [h],
+            "B": ["batch", "seqlen", self.groups, n], "C": ["batch", "seqlen", self.groups, n],
+            "D": [h, p] if self.d_per_channel else [h], "z": ["batch", "seqlen", h, p], "dt_bias": [h],
+            "initial_states": ["batch", h, p, n],
+        }
+        present = {"D": self.with_D, "z": self.with_z, "dt_bias": self.with_dt_bias,
+                   "initial_states": self.with_initial_states}
+        return {k: v for k, v in shapes.items() if present.get(k, True)}
+
+
+def build_ssd_model(spec: SSDModelSpec = SSDModelSpec(), target: str = DEFAULT_TARGET,
+                    opset: int | None = None) -> onnx.ModelProto:
+    tgt = resolve_target(target, opset)
+    io = ELEM_TYPES[spec.dtype]
+    cfg = SSDConfig(io_dtype=io, chunk_size=spec.chunk_size, dt_softplus=spec.dt_softplus,
+                    dt_limit=spec.dt_limit, d_per_channel=spec.d_per_channel)
+    shapes = spec.input_shapes()
+    gb = GraphBuilder("ssd")
+    names = {k: (k if k in shapes else None) for k in
+             ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")}
+    y, final = emit_ssd_scan(gb, cfg, **names)
+    for public, value in (("y", y), ("final_states", final)):
+        gb.nodes.append(helper.make_node("Identity", [value], [public], name=f"{public}_identity"))
+    f = cfg.compute_dtype
+    params = {"A": f, "D": f, "dt_bias": f, "initial_states": f}
+    inputs = [value_info(k, params.get(k, io), s) for k, s in shapes.items()]
+    s = shapes
+    outputs = [value_info("y", io, s["x"]),
+               value_info("final_states", f, ["batch", s["x"][2], s["x"][3], s["B"][3]])]
+    model = helper.make_model(gb.graph("ssd_scan", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", tgt.opset)], ir_version=tgt.ir_version,
+                              producer_name="scan_export")
+    helper.set_model_props(model, {SSD_SPEC_KEY: json.dumps(asdict(spec))})
+    onnx.checker.check_model(model, full_check=True)
+    return model
