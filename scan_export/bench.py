@@ -182,3 +182,43 @@ def format_model_bench(results: dict) -> str:
             f"{m['decode_vs_floor']:.2f}x the floor",
         ]
     return "\n".join(lines)
+
+
+SSD_SHAPE = (1, 24, 64, 128, 2048)  # (batch, heads, headdim, dstate, seqlen)
+
+
+def bench_ssd(shape=SSD_SHAPE, regime: str = "init", repeats: int = 5, groups: int = 1) -> dict:
+    """Mamba-2 SSD scan: eager sequential, eager chunked, onnxruntime CPU (portable lowering)."""
+    import torch
+
+    from .onnx.export import save_model
+    from .onnx.ssd_model import SSDModelSpec, build_ssd_model
+    from .reference.regimes import make_ssd_inputs
+    from .reference.ssd import ssd_scan_chunked, ssd_scan_ref
+    from .runtime import make_session
+
+    b, h, p, n, l = shape
+    kw = make_ssd_inputs(regime, b, l, h, p, groups, n)
+    feeds = {k: v.numpy() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = SSDModelSpec(groups=groups, with_initial_states=False)
+        session = make_session(save_model(build_ssd_model(spec), Path(tmp) / "ssd.onnx"), "cpu")
+        impls = {
+            "eager sequential (ssd_scan_ref)": lambda: ssd_scan_ref(**kw),
+            "eager scan_export chunked (T=64)": lambda: ssd_scan_chunked(**kw),
+            "onnxruntime CPU, portable lowering (T=64)": lambda: session.run(["y"], feeds),
+        }
+        with torch.inference_mode():
+            times = {k: median_ms(fn, max(2, repeats // 2) if "sequential" in k else repeats) for k, fn in impls.items()}
+    base = times["eager sequential (ssd_scan_ref)"]
+    return {"regime": regime, "shape": dict(zip(("batch", "heads", "headdim", "dstate", "seqlen"), shape)),
+            "median_ms": times, "speedup_vs_sequential": {k: base / v for k, v in times.items()}}
+
+
+def format_ssd_bench(results: dict) -> str:
+    s = results["shape"]
+    lines = [f"SSD scan, regime={results['regime']}, B{s['batch']}·H{s['heads']}·P{s['headdim']}·N{s['dstate']}·L{s['seqlen']}",
+             f"  {'implementation':<48} {'median ms':>10} {'× vs sequential':>16}"]
+    for k, v in results["median_ms"].items():
+        lines.append(f"  {k:<48} {v:>10.1f} {results['speedup_vs_sequential'][k]:>16.2f}")
+    return "\n".join(lines)

@@ -71,6 +71,7 @@ def _add_bench(sub):
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here")
     p.add_argument("--model", action="store_true", help="whole-model prefill/decode vs transformers instead of the scan")
+    p.add_argument("--ssd", action="store_true", help="the Mamba-2 SSD scan instead of the Mamba-1 scan")
     p.add_argument("--configs", default="tiny,130m", help="with --model: comma-separated, from tiny,130m")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -78,9 +79,13 @@ def _add_bench(sub):
 
 
 def cmd_bench(args):
-    from .bench import bench_model, bench_scan, format_model_bench, format_scan_bench, write_json
+    from .bench import (bench_model, bench_scan, bench_ssd, format_model_bench, format_scan_bench, format_ssd_bench,
+                        write_json)
 
-    if args.model:
+    if args.ssd:
+        results = bench_ssd(regime=args.regime, repeats=args.repeats)
+        print(format_ssd_bench(results))
+    elif args.model:
         results = bench_model(configs=tuple(c for c in args.configs.split(",") if c), prefill_len=args.prefill_len,
                               decode_tokens=args.decode_tokens, repeats=args.repeats)
         print(format_model_bench(results))

@@ -74,3 +74,10 @@ def test_bench_reports_every_implementation_and_ratio(tmp_path):
     assert len(entry["median_ms"]) == 4
     assert all(v > 0 for v in entry["speedup_vs_mamba_mini"].values())
     json.dumps(results)
+
+
+def test_ssd_bench_reports_every_implementation(tmp_path):
+    from scan_export.bench import bench_ssd, format_ssd_bench
+
+    results = bench_ssd(shape=(1, 2, 4, 8, 40), repeats=1)
+    assert len(results["median_ms"]) == 3 and "SSD scan" in format_ssd_bench(results)
