@@ -98,7 +98,7 @@ def cmd_bench(args):
 
 
 def _add_export_model(sub):
-    p = sub.add_parser("export-model", help="export a local HF Mamba/FalconMamba checkpoint to ONNX with state I/O")
+    p = sub.add_parser("export-model", help="export a local HF Mamba/FalconMamba/Mamba2 checkpoint to ONNX with state I/O")
     p.add_argument("checkpoint_dir")
     p.add_argument("--out", required=True, help="output directory (replaced atomically on success)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
@@ -196,7 +196,7 @@ def cmd_verify(args):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="tiny Mamba: checkpoint -> export -> onnxruntime generate -> verify")
-    p.add_argument("--model-type", default="mamba", choices=["mamba", "falcon_mamba"])
+    p.add_argument("--model-type", default="mamba", choices=["mamba", "falcon_mamba", "mamba2"])
     p.add_argument("--workdir", default=None, help="keep the checkpoint and export here (default: a temp dir)")
     p.add_argument("--tokens", type=int, default=20)
     p.set_defaults(func=cmd_demo)

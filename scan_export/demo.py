@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 
-def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=sys.stdout) -> bool:
+def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=None) -> bool:
     from .onnx.model_export import export_model
     from .runtime.generate import ExportedMamba, generate
     from .tiny import TINY, make_tiny_checkpoint
     from .verify import verify_export
 
+    out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731

@@ -30,12 +30,15 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
     classes = {
         "mamba": (tf.MambaConfig, tf.MambaForCausalLM),
         "falcon_mamba": (tf.FalconMambaConfig, tf.FalconMambaForCausalLM),
+        "mamba2": (tf.Mamba2Config, tf.Mamba2ForCausalLM),
     }
     if model_type not in classes:
         raise ValueError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
     config_cls, model_cls = classes[model_type]
     torch.manual_seed(seed)
     params = {**TINY, **overrides}
+    if model_type == "mamba2":  # hidden_size · expand == num_heads · head_dim
+        params = {"num_heads": 8, "head_dim": 16, "n_groups": 1, "chunk_size": 16, **params}
     config = config_cls(**params, eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
     model = model_cls(config).eval()
     if sharpen:

@@ -50,7 +50,8 @@ def _load_hf(checkpoint_dir):
     from .reference.models import read_hf_config
 
     model_type = read_hf_config(checkpoint_dir)["model_type"]
-    cls = {"mamba": transformers.MambaForCausalLM, "falcon_mamba": transformers.FalconMambaForCausalLM}[model_type]
+    cls = {"mamba": transformers.MambaForCausalLM, "falcon_mamba": transformers.FalconMambaForCausalLM,
+           "mamba2": transformers.Mamba2ForCausalLM}[model_type]
     return cls.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
 
 

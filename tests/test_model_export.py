@@ -20,19 +20,21 @@ from scan_export.verify import verify_export  # noqa: E402
 
 from .test_export_module import op_histogram  # noqa: E402
 
-MODEL_TYPES = ["mamba", "falcon_mamba"]
-HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM"}
+# (model_type, config overrides): Mamba-1, FalconMamba, and Mamba-2 with one and two groups.
+MODELS = [("mamba", {}), ("falcon_mamba", {}), ("mamba2", {"n_groups": 1}), ("mamba2", {"n_groups": 2})]
+HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [42]]
 # fp32 export vs transformers fp32: same algebra, different kernels; measured ~6e-7 (README).
 LOGITS_RTOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=MODEL_TYPES)
+@pytest.fixture(scope="module", params=MODELS, ids=lambda m: m[0] + "".join(f"-{k}{v}" for k, v in m[1].items()))
 def exported(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    ckpt = make_tiny_checkpoint(root / "ckpt", request.param)
+    model_type, overrides = request.param
+    root = tmp_path_factory.mktemp(model_type)
+    ckpt = make_tiny_checkpoint(root / "ckpt", model_type, **overrides)
     out = export_model(ckpt, root / "export")
-    hf = getattr(transformers, HF_CLASSES[request.param]).from_pretrained(str(ckpt)).eval()
+    hf = getattr(transformers, HF_CLASSES[model_type]).from_pretrained(str(ckpt)).eval()
     return ckpt, out, hf, ExportedMamba(out)
 
 
@@ -102,6 +104,11 @@ def test_node_count_does_not_depend_on_export_length(tmp_path):
     ha, hb = (op_histogram(onnx.load(str(p / "model.onnx"))) for p in (a, b))
     assert ha == hb
     assert ha["Loop"] == 2  # one Loop over chunks per layer, no per-token unrolling
+    m2 = make_tiny_checkpoint(tmp_path / "m2", "mamba2")
+    c = export_model(m2, tmp_path / "c", example_seqlen=4)
+    d = export_model(m2, tmp_path / "d", example_seqlen=96)
+    hc, hd = (op_histogram(onnx.load(str(p / "model.onnx"))) for p in (c, d))
+    assert hc == hd and hc["Loop"] == 2
 
 
 def test_generation_runs_where_torch_cannot_be_imported(exported):
@@ -170,7 +177,7 @@ def test_bad_checkpoints_give_clear_errors_and_no_partial_output(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"model_type must be one of \['mamba', 'falcon_mamba'\], got 'llama'"):
+    with pytest.raises(ValueError, match=r"model_type must be one of \['mamba', 'falcon_mamba', 'mamba2'\], got 'llama'"):
         export_model(bad, out)
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
     for f in ckpt.glob("*.safetensors"):
@@ -231,6 +238,7 @@ def test_fp16_export_runs(tmp_path):
     assert all(m.rel < 2e-2 for m in report.logits), report.format()
 
 
-def test_demo_runs_end_to_end(capsys):
-    assert main(["demo", "--tokens", "5"]) == 0
+@pytest.mark.parametrize("model_type", ["mamba", "mamba2"])
+def test_demo_runs_end_to_end(capsys, model_type):
+    assert main(["demo", "--tokens", "5", "--model-type", model_type]) == 0
     assert "PASS" in capsys.readouterr().out

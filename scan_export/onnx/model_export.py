@@ -1,9 +1,10 @@
-"""Whole-model export: a local HF Mamba / FalconMamba checkpoint -> OUT_DIR with one ONNX graph.
+"""Whole-model export: a local HF Mamba / FalconMamba / Mamba2 checkpoint -> OUT_DIR with one ONNX graph.
 
 The graph serves prefill (any l) and decode (l = 1) alike; the state goes in and out per layer:
 
   inputs   input_ids: (batch, seqlen) int64
-           past.{i}.conv_state: (batch, K−1, d_inner) model dtype,  past.{i}.ssm_state: (batch, d_inner, n) float32
+           past.{i}.conv_state: (batch, K−1, conv_dim) model dtype
+           past.{i}.ssm_state: (batch, d_inner, n) float32 (Mamba-1) | (batch, heads, head_dim, n) (Mamba-2)
   outputs  logits: (batch, seqlen, vocab)
            present.{i}.conv_state, present.{i}.ssm_state (same shapes as the inputs)
 
@@ -42,23 +43,24 @@ def state_names(num_layers: int) -> list[tuple[str, str]]:
 
 
 def describe(cfg, dtype: str, target, node_count: int) -> dict:
-    d, k, n = cfg.intermediate_size, cfg.conv_kernel, cfg.state_size
+    conv_shape, ssm_shape = cfg.state_shapes()
     state = []
     for i in range(cfg.num_hidden_layers):
         state.append({
             "layer": i,
             "conv_state": {"input": f"past.{i}.conv_state", "output": f"present.{i}.conv_state",
-                           "shape": ["batch", k - 1, d], "dtype": dtype,
+                           "shape": ["batch", *conv_shape], "dtype": dtype,
                            "meaning": "the last K-1 inputs of the depthwise conv, oldest first, channels last"},
             "ssm_state": {"input": f"past.{i}.ssm_state", "output": f"present.{i}.ssm_state",
-                          "shape": ["batch", d, n], "dtype": "float32",
-                          "meaning": "the selective-scan state h"},
+                          "shape": ["batch", *ssm_shape], "dtype": "float32",
+                          "meaning": "the scan state h: (d_inner, d_state) for Mamba-1, "
+                                     "(heads, head_dim, d_state) for Mamba-2"},
         })
     return {
         "format": FORMAT, "version": 1, "model_file": MODEL_FILE, "model_type": cfg.model_type,
         "dtype": dtype, "ir_version": target.ir_version, "opset": target.opset, "target": target.name,
         "vocab_size": cfg.vocab_size, "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-        "intermediate_size": d, "state_size": n, "conv_kernel": k,
+        "intermediate_size": cfg.intermediate_size, "state_size": cfg.state_size, "conv_kernel": cfg.conv_kernel,
         "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id, "node_count": node_count,
         "inputs": [{"name": "input_ids", "shape": ["batch", "seqlen"], "dtype": "int64"}]
         + [{"name": s[kind]["input"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .custom_ops import selective_scan_fn
+from .custom_ops import mamba_chunk_scan_combined, selective_scan_fn
 from .conv import causal_conv1d_with_state
 
-SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba")
+SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,19 @@ class MambaLMConfig:
     tie_word_embeddings: bool = True
     eos_token_id: int | None = None
     bos_token_id: int | None = None
+    # Mamba-2 only
+    num_heads: int = 0
+    head_dim: int = 0
+    n_groups: int = 1
+    chunk_size: int = 64
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels the conv sees: d_inner for Mamba-1, d_inner + 2·g·n (x, B, C) for Mamba-2."""
+        if self.model_type == "mamba2":
+            return self.intermediate_size + 2 * self.n_groups * self.state_size
+        return self.intermediate_size
 
     @classmethod
     def from_hf(cls, cfg: dict) -> MambaLMConfig:
@@ -53,9 +66,16 @@ class MambaLMConfig:
         hidden = cfg["hidden_size"]
         rank = cfg.get("time_step_rank", "auto")
         eos = cfg.get("eos_token_id")
-        return cls(
+        mamba2 = {}
+        if model_type == "mamba2":
+            mamba2 = dict(num_heads=cfg["num_heads"], head_dim=cfg["head_dim"], n_groups=cfg.get("n_groups", 1),
+                          chunk_size=cfg.get("chunk_size", 256),
+                          time_step_limit=tuple(_json_float(v) for v in cfg.get("time_step_limit", (0.0, "inf"))))
+            if int(cfg.get("expand", 2) * hidden) != mamba2["num_heads"] * mamba2["head_dim"]:
+                raise ValueError("config.json: hidden_size * expand must equal num_heads * head_dim for mamba2")
+        return cls(**mamba2,
             model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=hidden,
-            intermediate_size=cfg.get("intermediate_size") or cfg.get("expand", 2) * hidden,
+            intermediate_size=int(cfg.get("intermediate_size") or cfg.get("expand", 2) * hidden),
             state_size=cfg.get("state_size", 16), conv_kernel=cfg.get("conv_kernel", 4),
             time_step_rank=-(-hidden // 16) if rank == "auto" else int(rank),
             num_hidden_layers=cfg["num_hidden_layers"], layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
@@ -66,6 +86,20 @@ class MambaLMConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def state_shapes(self) -> tuple[tuple, tuple]:
+        """Per-layer (conv_state, ssm_state) shapes without the batch dimension."""
+        conv = (self.conv_kernel - 1, self.conv_dim)
+        if self.model_type == "mamba2":
+            return conv, (self.num_heads, self.head_dim, self.state_size)
+        return conv, (self.intermediate_size, self.state_size)
+
+
+def _json_float(v) -> float:
+    """transformers writes infinity into config.json as {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
 
 
 class RMSNorm(nn.Module):
@@ -124,11 +158,59 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(x.dtype)), conv_state, ssm_state
 
 
+class GatedRMSNorm(nn.Module):
+    """transformers' MambaRMSNormGated: y·silu(z), normalized per group of group_size, then scaled."""
+
+    def __init__(self, size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y, gate):
+        dtype = y.dtype
+        y = y.float() * F.silu(gate.float())
+        *lead, last = y.shape
+        grouped = y.reshape(*lead, last // self.group_size, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * grouped.reshape(*lead, last).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: MambaLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, h = cfg.intermediate_size, cfg.num_heads
+        self.in_proj = nn.Linear(cfg.hidden_size, d + cfg.conv_dim + h, bias=cfg.use_bias)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.conv_kernel, groups=cfg.conv_dim, bias=cfg.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(h))
+        self.A_log = nn.Parameter(torch.zeros(h))
+        self.D = nn.Parameter(torch.ones(h))
+        self.norm = GatedRMSNorm(d, d // cfg.n_groups, cfg.layer_norm_epsilon)
+        self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, x, conv_state, ssm_state):
+        """x: (b, l, hidden), conv_state: (b, K−1, conv_dim), ssm_state: (b, h, p, n)"""
+        cfg = self.cfg
+        b, l, _ = x.shape
+        gn = cfg.n_groups * cfg.state_size
+        gate, xBC, dt = self.in_proj(x).split([cfg.intermediate_size, cfg.conv_dim, cfg.num_heads], dim=-1)
+        xBC, conv_state = causal_conv1d_with_state(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
+        xs, B, C = F.silu(xBC).split([cfg.intermediate_size, gn, gn], dim=-1)
+        y, ssm_state = mamba_chunk_scan_combined(
+            xs.reshape(b, l, cfg.num_heads, cfg.head_dim), dt, -torch.exp(self.A_log.float()),
+            B.reshape(b, l, cfg.n_groups, cfg.state_size), C.reshape(b, l, cfg.n_groups, cfg.state_size),
+            cfg.chunk_size if cfg.chunk_size <= 64 else 64, D=self.D, dt_bias=self.dt_bias,
+            initial_states=ssm_state, dt_softplus=True, dt_limit=cfg.time_step_limit, return_final_states=True,
+        )
+        y = self.norm(y.reshape(b, l, cfg.intermediate_size), gate)
+        return self.out_proj(y.to(x.dtype)), conv_state, ssm_state
+
+
 class MambaBlock(nn.Module):
     def __init__(self, cfg: MambaLMConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        self.mixer = MambaMixer(cfg)
+        self.mixer = Mamba2Mixer(cfg) if cfg.model_type == "mamba2" else MambaMixer(cfg)
 
     def forward(self, x, conv_state, ssm_state):
         y, conv_state, ssm_state = self.mixer(self.norm(x), conv_state, ssm_state)
@@ -166,10 +248,11 @@ class MambaLM(nn.Module):
     def zero_state(self, batch: int, dtype=None) -> list[torch.Tensor]:
         cfg = self.cfg
         dtype = dtype or self.lm_head.weight.dtype
+        conv, ssm = cfg.state_shapes()
         out = []
         for _ in range(cfg.num_hidden_layers):
-            out.append(torch.zeros(batch, cfg.conv_kernel - 1, cfg.intermediate_size, dtype=dtype))
-            out.append(torch.zeros(batch, cfg.intermediate_size, cfg.state_size, dtype=torch.float32))
+            out.append(torch.zeros(batch, *conv, dtype=dtype))
+            out.append(torch.zeros(batch, *ssm, dtype=torch.float32))
         return out
 
 
