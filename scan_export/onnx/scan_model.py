@@ -74,19 +74,28 @@ def build_scan_model(spec: ScanModelSpec = ScanModelSpec(), target: str = DEFAUL
     names = {k: (k if k in shapes else None) for k in
              ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")}
     out, last_state = emit_selective_scan(gb, cfg, **names)
-    for public, value in (("out", out), ("last_state", last_state)):
-        gb.nodes.append(helper.make_node("Identity", [value], [public], name=f"{public}_identity"))
     state_type = cfg.compute_dtype
     param_type = {"A": state_type, "D": state_type, "delta_bias": state_type, "initial_state": state_type}
-    inputs = [value_info(k, param_type.get(k, io), s) for k, s in shapes.items()]
     out_shapes = spec.output_shapes()
-    outputs = [value_info("out", io, out_shapes["out"]), value_info("last_state", state_type, out_shapes["last_state"])]
-    graph = gb.graph("selective_scan", inputs, outputs)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", tgt.opset)], ir_version=tgt.ir_version,
-        producer_name="scan_export",
+    return finish_op_model(
+        gb, "selective_scan", tgt, SPEC_KEY, spec,
+        inputs=[value_info(k, param_type.get(k, io), s) for k, s in shapes.items()],
+        outputs=[(out, value_info("out", io, out_shapes["out"])),
+                 (last_state, value_info("last_state", state_type, out_shapes["last_state"]))],
     )
-    helper.set_model_props(model, {SPEC_KEY: json.dumps(asdict(spec))})
+
+
+def finish_op_model(gb: GraphBuilder, name: str, tgt, spec_key: str, spec, inputs, outputs) -> onnx.ModelProto:
+    """Name the outputs, pin IR version and opset, store the spec in the metadata, full-check.
+
+    outputs: [(internal value name, public ValueInfoProto)]."""
+    for value, info in outputs:
+        gb.nodes.append(helper.make_node("Identity", [value], [info.name], name=f"{info.name}_identity"))
+    model = helper.make_model(
+        gb.graph(name, inputs, [info for _, info in outputs]),
+        opset_imports=[helper.make_opsetid("", tgt.opset)], ir_version=tgt.ir_version, producer_name="scan_export",
+    )
+    helper.set_model_props(model, {spec_key: json.dumps(asdict(spec))})
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -6,16 +6,14 @@ Outputs y, final_states
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import onnx
-from onnx import TensorProto, helper
 
 from ..reference.ssd import SSD_DEFAULT_CHUNK_SIZE
 from .lowering.graph_builder import GraphBuilder, value_info
 from .lowering.ssd import SSDConfig, emit_ssd_scan
-from .scan_model import ELEM_TYPES
+from .scan_model import ELEM_TYPES, finish_op_model
 from .targets import DEFAULT_TARGET, resolve_target
 
 SSD_SPEC_KEY = "scan_export.ssd_spec"
@@ -72,17 +70,12 @@ def build_ssd_model(spec: SSDModelSpec = SSDModelSpec(), target: str = DEFAULT_T
     names = {k: (k if k in shapes else None) for k in
              ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")}
     y, final = emit_ssd_scan(gb, cfg, **names)
-    for public, value in (("y", y), ("final_states", final)):
-        gb.nodes.append(helper.make_node("Identity", [value], [public], name=f"{public}_identity"))
     f = cfg.compute_dtype
     params = {"A": f, "D": f, "dt_bias": f, "initial_states": f}
-    inputs = [value_info(k, params.get(k, io), s) for k, s in shapes.items()]
     s = shapes
-    outputs = [value_info("y", io, s["x"]),
-               value_info("final_states", f, ["batch", s["x"][2], s["x"][3], s["B"][3]])]
-    model = helper.make_model(gb.graph("ssd_scan", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", tgt.opset)], ir_version=tgt.ir_version,
-                              producer_name="scan_export")
-    helper.set_model_props(model, {SSD_SPEC_KEY: json.dumps(asdict(spec))})
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return finish_op_model(
+        gb, "ssd_scan", tgt, SSD_SPEC_KEY, spec,
+        inputs=[value_info(k, params.get(k, io), shape) for k, shape in shapes.items()],
+        outputs=[(y, value_info("y", io, s["x"])),
+                 (final, value_info("final_states", f, ["batch", s["x"][2], s["x"][3], s["B"][3]]))],
+    )
