@@ -201,12 +201,16 @@ def bench_ssd(shape=SSD_SHAPE, regime: str = "init", repeats: int = 5, groups: i
     kw = make_ssd_inputs(regime, b, l, h, p, groups, n)
     feeds = {k: v.numpy() for k, v in kw.items() if isinstance(v, torch.Tensor)}
     with tempfile.TemporaryDirectory() as tmp:
-        spec = SSDModelSpec(groups=groups, with_initial_states=False)
-        session = make_session(save_model(build_ssd_model(spec), Path(tmp) / "ssd.onnx"), "cpu")
+        sessions = {}
+        for lowering, target in (("portable", "portable"), ("native", "ort-1.32")):
+            spec = SSDModelSpec(heads=h, groups=groups, with_initial_states=False, lowering=lowering)
+            path = save_model(build_ssd_model(spec, target=target), Path(tmp) / f"ssd-{lowering}.onnx")
+            sessions[lowering] = make_session(path, "cpu")
         impls = {
             "eager sequential (ssd_scan_ref)": lambda: ssd_scan_ref(**kw),
             "eager scan_export chunked (T=64)": lambda: ssd_scan_chunked(**kw),
-            "onnxruntime CPU, portable lowering (T=64)": lambda: session.run(["y"], feeds),
+            "onnxruntime CPU, portable lowering (Loop, T=64)": lambda: sessions["portable"].run(["y"], feeds),
+            "onnxruntime CPU, native lowering (LinearAttention)": lambda: sessions["native"].run(["y"], feeds),
         }
         with torch.inference_mode():
             times = {k: median_ms(fn, max(2, repeats // 2) if "sequential" in k else repeats) for k, fn in impls.items()}

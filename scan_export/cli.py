@@ -102,8 +102,10 @@ def _add_export_model(sub):
     p.add_argument("checkpoint_dir")
     p.add_argument("--out", required=True, help="output directory (replaced atomically on success)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--target", default="portable")
+    p.add_argument("--target", default="portable", help="runtime to target: portable, ort-1.18, node-1.30, web-1.30, ort-1.32")
     p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--lowering", default="portable", choices=["portable", "native"],
+                   help="Mamba-2 scan: portable Loop (opset 21) or native LinearAttention (opset 27, --target ort-1.32)")
     p.set_defaults(func=cmd_export_model)
 
 
@@ -112,7 +114,8 @@ def cmd_export_model(args):
 
     from .onnx.model_export import DESCRIPTION_FILE, export_model
 
-    out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset)
+    out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
+                       lowering=args.lowering)
     d = json.loads((out / DESCRIPTION_FILE).read_text())
     print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}, "
           f"IR {d['ir_version']}, opset {d['opset']}, {d['node_count']} nodes")

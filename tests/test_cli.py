@@ -80,4 +80,4 @@ def test_ssd_bench_reports_every_implementation(tmp_path):
     from scan_export.bench import bench_ssd, format_ssd_bench
 
     results = bench_ssd(shape=(1, 2, 4, 8, 40), repeats=1)
-    assert len(results["median_ms"]) == 3 and "SSD scan" in format_ssd_bench(results)
+    assert len(results["median_ms"]) == 4 and "SSD scan" in format_ssd_bench(results)

@@ -242,3 +242,15 @@ def test_fp16_export_runs(tmp_path):
 def test_demo_runs_end_to_end(capsys, model_type):
     assert main(["demo", "--tokens", "5", "--model-type", model_type]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_mamba2_native_lowering_export_verifies(tmp_path, capsys):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "mamba2", n_groups=2)
+    out = tmp_path / "native"
+    assert main(["export-model", str(ckpt), "--out", str(out), "--target", "ort-1.32", "--lowering", "native"]) == 0
+    desc = json.loads((out / DESCRIPTION_FILE).read_text())
+    assert desc["lowering"] == "native" and desc["opset"] == 27
+    report = verify_export(out, ckpt, n_tokens=16, n_prompts=2)
+    assert report.passed, report.format()
+    assert main(["export-model", str(ckpt), "--out", str(tmp_path / "x"), "--lowering", "native"]) == 2
+    assert "needs opset >= 27" in capsys.readouterr().err and not (tmp_path / "x").exists()

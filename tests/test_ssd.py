@@ -177,3 +177,31 @@ def test_bad_ssd_input_is_named():
         ssd_scan_chunked(**{**kw, "dt": torch.randn(2, 11, 4)})
     with pytest.raises(ValueError, match="seq_idx"):
         mamba_chunk_scan_combined(**kw, seq_idx=torch.zeros(2, 10, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_native_and_portable_lowerings_agree(regime, groups):
+    sessions = {
+        lw: make_session(build_ssd_model(SSDModelSpec(heads=4, groups=groups, lowering=lw),
+                                         target="ort-1.32" if lw == "native" else "portable").SerializeToString(), "cpu")
+        for lw in ("portable", "native")
+    }
+    for seqlen in (1, 63, 65, 1000):
+        kw = make_ssd_inputs(regime, 2, seqlen, 4, 32, groups, with_initial_states=True, seed=seqlen)
+        feeds = {k: v.numpy() for k, v in kw.items() if isinstance(v, torch.Tensor)}
+        (yp, sp), (yn, sn) = (sessions[lw].run(["y", "final_states"], feeds) for lw in ("portable", "native"))
+        # Two float32 implementations of the same recurrence (chunked vs onnxruntime's kernel).
+        compare_outputs({"y": yn, "final_states": sn}, {"y": yp, "final_states": sp}).check(RTOL)
+        ref, ref_s = ssd_scan_ref(**to64(kw), return_final_states=True)
+        compare_outputs({"y": yn, "final_states": sn}, {"y": ref.numpy(), "final_states": ref_s.numpy()}).check(RTOL)
+
+
+def test_native_lowering_is_refused_by_opset_21_targets():
+    with pytest.raises(ValueError, match=r"native lowering needs opset >= 27.*--target ort-1.32"):
+        build_ssd_model(SSDModelSpec(heads=4, lowering="native"), target="node-1.30")
+    with pytest.raises(ValueError, match="needs a static head count"):
+        build_ssd_model(SSDModelSpec(lowering="native"), target="ort-1.32")
+    model = build_ssd_model(SSDModelSpec(heads=4, lowering="native"), target="ort-1.32")
+    assert model.ir_version == 13 and model.opset_import[0].version == 27
+    assert any(n.op_type == "LinearAttention" for n in model.graph.node)

@@ -20,8 +20,10 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def lower_custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace each scan_export.SelectiveScan / SSDScan node with its Loop-over-chunks graph, in place."""
+def lower_custom_ops(model: onnx.ModelProto, ssd_lowering: str = "portable") -> onnx.ModelProto:
+    """Replace each scan_export.SelectiveScan / SSDScan node with its lowering, in place.
+
+    ssd_lowering: "portable" (Loop over chunks) or "native" (opset 27 LinearAttention)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = model.graph
     new_nodes = []
@@ -43,7 +45,8 @@ def lower_custom_ops(model: onnx.ModelProto) -> onnx.ModelProto:
             out, last_state = emit_selective_scan(gb, cfg, **dict(zip(SCAN_INPUTS, [i or None for i in node.input])))
         else:
             cfg = SSDConfig(io_dtype=a["io_dtype"], chunk_size=a["chunk_size"], dt_softplus=bool(a["dt_softplus"]),
-                            dt_limit=(a["dt_limit_lo"], a["dt_limit_hi"]), d_per_channel=bool(a["d_per_channel"]))
+                            dt_limit=(a["dt_limit_lo"], a["dt_limit_hi"]), d_per_channel=bool(a["d_per_channel"]),
+                            lowering=ssd_lowering, heads=a.get("heads") or None)
             gb = GraphBuilder(f"ssd_scan_{k}")
             out, last_state = emit_ssd_scan(gb, cfg, **dict(zip(SSD_INPUTS, [i or None for i in node.input])))
         # Route the lowering's results to the names the rest of the graph already uses.
@@ -77,15 +80,18 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, check: bool =
 
 
 def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_names=None,
-           output_names=None, target: str = DEFAULT_TARGET, opset: int | None = None) -> onnx.ModelProto:
-    """torch.onnx.export(dynamo=True) with scan_export's ops lowered to Loops, pinned to a target.
+           output_names=None, target: str = DEFAULT_TARGET, opset: int | None = None,
+           lowering: str = "portable") -> onnx.ModelProto:
+    """torch.onnx.export(dynamo=True) with scan_export's ops lowered, pinned to a target.
 
+    lowering applies to Mamba-2 (SSD) scans: "portable" (Loop over chunks, opset >= 18) or
+    "native" (ONNX opset 27 LinearAttention; needs a target such as ort-1.32).
     Returns the ModelProto and, when path is given, writes it there atomically.
     """
     import onnxscript
     import torch
 
-    tgt = resolve_target(target, opset)
+    tgt = resolve_target(target, opset, lowering=lowering)
     program = torch.onnx.export(
         module, tuple(args), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
         input_names=input_names, output_names=output_names, opset_version=tgt.opset,
@@ -94,7 +100,7 @@ def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_n
         # node's outputs and would erase the types the translation set.
         optimize=False,
     )
-    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto))
+    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto, ssd_lowering=lowering))
     model.ir_version = tgt.ir_version
     onnx.checker.check_model(model, full_check=True)
     if path is not None:

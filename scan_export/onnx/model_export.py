@@ -79,7 +79,7 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
-                 example_seqlen: int = 8) -> Path:
+                 example_seqlen: int = 8, lowering: str = "portable") -> Path:
     """Export a local checkpoint. Writes into a temporary directory next to out_dir and moves it
     into place only when everything (export, checks, description) succeeded."""
     import torch
@@ -89,7 +89,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    tgt = resolve_target(target, opset)
+    tgt = resolve_target(target, opset, lowering=lowering)
     model = load_mamba_lm(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
     cfg = model.cfg
     names = state_names(cfg.num_hidden_layers)
@@ -100,6 +100,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     with torch.no_grad():
         proto = export(
             model, (example_ids, *example_state), dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
+            lowering=lowering,
             input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
         )
     out_dir = Path(out_dir)
@@ -114,6 +115,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         else:
             onnx.save_model(proto, str(path))
         description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
+        description["lowering"] = lowering if cfg.model_type == "mamba2" else "portable"
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
         for name in TOKENIZER_FILES:
             src = Path(checkpoint_dir) / name

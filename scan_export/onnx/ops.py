@@ -44,7 +44,7 @@ def onnx_translation_table() -> dict:
                           {"delta_softplus": INT, "chunk_size": INT, "bc_layout": STRING, "io_dtype": INT})
     _register_onnx_schema("SSDScan", SSD_INPUTS, ("y", "final_states"), 5,
                           {"chunk_size": INT, "dt_softplus": INT, "dt_limit_lo": FLOAT, "dt_limit_hi": FLOAT,
-                           "d_per_channel": INT, "io_dtype": INT})
+                           "d_per_channel": INT, "io_dtype": INT, "heads": INT})
     opset = onnxscript.values.Opset(ONNX_DOMAIN, 1)
     node = onnxscript.values.Op(opset, "SelectiveScan")
     ssd_node = onnxscript.values.Op(opset, "SSDScan")
@@ -68,7 +68,8 @@ def onnx_translation_table() -> dict:
         y, final = ssd_node(
             x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size=chunk_size, dt_softplus=int(dt_softplus),
             dt_limit_lo=float(dt_limit_lo), dt_limit_hi=min(float(dt_limit_hi), 3.0e38),
-            d_per_channel=int(D is not None and len(D.shape) == 2), io_dtype=int(x.dtype), _outputs=2,
+            d_per_channel=int(D is not None and len(D.shape) == 2), io_dtype=int(x.dtype),
+            heads=x.shape[2] if isinstance(x.shape[2], int) else 0, _outputs=2,
         )
         y.type, y.shape = ir.TensorType(x.dtype), x.shape
         state_dtype = ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT

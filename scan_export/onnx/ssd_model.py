@@ -36,6 +36,7 @@ class SSDModelSpec:
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     chunk_size: int = SSD_DEFAULT_CHUNK_SIZE
     dtype: str = "float32"
+    lowering: str = "portable"
 
     def __post_init__(self):
         if self.heads is not None and self.heads % self.groups:
@@ -61,10 +62,11 @@ class SSDModelSpec:
 
 def build_ssd_model(spec: SSDModelSpec = SSDModelSpec(), target: str = DEFAULT_TARGET,
                     opset: int | None = None) -> onnx.ModelProto:
-    tgt = resolve_target(target, opset)
+    tgt = resolve_target(target, opset, lowering=spec.lowering)
     io = ELEM_TYPES[spec.dtype]
     cfg = SSDConfig(io_dtype=io, chunk_size=spec.chunk_size, dt_softplus=spec.dt_softplus,
-                    dt_limit=spec.dt_limit, d_per_channel=spec.d_per_channel)
+                    dt_limit=spec.dt_limit, d_per_channel=spec.d_per_channel, lowering=spec.lowering,
+                    heads=spec.heads)
     shapes = spec.input_shapes()
     gb = GraphBuilder("ssd")
     names = {k: (k if k in shapes else None) for k in

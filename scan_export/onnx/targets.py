@@ -26,17 +26,32 @@ TARGETS = {
         Target("ort-1.18", 10, 21, "onnxruntime 1.18 and newer"),
         Target("node-1.30", 10, 21, "onnxruntime-node 1.30 (refuses IR > 13)"),
         Target("web-1.30", 10, 21, "onnxruntime-web 1.30 (refuses IR > 13)"),
+        Target("ort-1.32", 13, 27, "onnxruntime 1.32: opset 27 LinearAttention / CausalConvWithState (native)"),
     )
 }
+# The opset each lowering needs at least.
+LOWERING_MIN_OPSET = {"portable": MIN_OPSET, "native": 27}
 DEFAULT_TARGET = "portable"
 
 
-def resolve_target(target: str = DEFAULT_TARGET, opset: int | None = None, ir_version: int | None = None) -> Target:
-    """A named target, optionally with the opset or IR version raised or lowered by the user."""
+def resolve_target(target: str = DEFAULT_TARGET, opset: int | None = None, ir_version: int | None = None,
+                   lowering: str = "portable") -> Target:
+    """A named target, optionally with the opset or IR version raised or lowered by the user.
+
+    Refuses a lowering the target cannot run (native needs opset 27, which IR <= 10 targets lack)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    if lowering not in LOWERING_MIN_OPSET:
+        raise ValueError(f"lowering must be one of {sorted(LOWERING_MIN_OPSET)}, got {lowering!r}")
     base = TARGETS[target]
     opset = base.opset if opset is None else opset
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} for scan_export lowerings, got {opset}")
+    need = LOWERING_MIN_OPSET[lowering]
+    if opset < need:
+        able = sorted(t.name for t in TARGETS.values() if t.opset >= need)
+        raise ValueError(f"the {lowering} lowering needs opset >= {need} (LinearAttention), but target {target!r} "
+                         f"uses opset {opset} ({base.note}); use --target {' or '.join(able)}, or --lowering portable")
+    if ir_version is None and opset > 21 and base.ir_version < 13:
+        ir_version = 13  # opset 22..27 models need IR 13
     return Target(base.name, base.ir_version if ir_version is None else ir_version, opset, base.note)

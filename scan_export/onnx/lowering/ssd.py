@@ -22,6 +22,10 @@ from .graph_builder import INT64_MAX, GraphBuilder, value_info
 from .selective_scan import NP_DTYPE, _emit_softplus, _scalar_tensor
 
 
+LOWERINGS = ("portable", "native")
+NATIVE_MIN_OPSET = 27
+
+
 @dataclass(frozen=True)
 class SSDConfig:
     io_dtype: int = TensorProto.FLOAT
@@ -29,6 +33,15 @@ class SSDConfig:
     dt_softplus: bool = True
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     d_per_channel: bool = False  # D: (h, p) rather than (h,)
+    lowering: str = "portable"  # "portable" (Loop, opset >= 18) | "native" (LinearAttention, opset >= 27)
+    heads: int | None = None  # required by "native": LinearAttention takes head counts as attributes
+
+    def __post_init__(self):
+        if self.lowering not in LOWERINGS:
+            raise ValueError(f"lowering must be one of {LOWERINGS}, got {self.lowering!r}")
+        if self.lowering == "native" and not self.heads:
+            raise ValueError("the native lowering needs a static head count (heads), since LinearAttention "
+                             "takes q_num_heads/kv_num_heads as attributes")
 
     @property
     def compute_dtype(self) -> int:
@@ -62,6 +75,9 @@ def emit_ssd_scan(gb: GraphBuilder, cfg: SSDConfig, x, dt, A, B, C, D=None, z=No
     g_, n_ = (gb.op("Slice", sB, gb.ints(k), gb.ints(k + 1)) for k in (2, 3))
     r_ = gb.op("Div", h_, g_)
     dims = dict(b=b_, l=l_, h=h_, p=p_, g=g_, n=n_, r=r_)
+    if cfg.lowering == "native":
+        y, final = _emit_linear_attention(gb, cfg, dims, a, xdt, B, C, initial_states, f)
+        return _finish(gb, cfg, y, final, x, D, z, f)
     if initial_states is not None:
         h0 = initial_states
     else:
@@ -76,6 +92,11 @@ def emit_ssd_scan(gb: GraphBuilder, cfg: SSDConfig, x, dt, A, B, C, D=None, z=No
         then_branch=step.graph("ssd_single_step", [], [value_info(y_step, f), value_info(s_step, f)]),
         else_branch=chunked.graph("ssd_chunk_loop", [], [value_info(y_chunk, f), value_info(s_chunk, f)]),
     )  # y: (b, l, h, p)
+    return _finish(gb, cfg, y, final, x, D, z, f)
+
+
+def _finish(gb, cfg, y, final, x, D, z, f):
+    """y: (b, l, h, p) -> (y + D·x)·silu(z), cast back once."""
     if D is not None:
         D_b = D if cfg.d_per_channel else gb.op("Unsqueeze", D, gb.ints(-1))  # (h, p) or (h, 1)
         y = gb.op("Add", y, gb.op("Mul", x, D_b))
@@ -85,9 +106,25 @@ def emit_ssd_scan(gb: GraphBuilder, cfg: SSDConfig, x, dt, A, B, C, D=None, z=No
     return out, final
 
 
-def _per_head(gb, t, dims, axis_after_g):
-    """(b, g, ...) -> (b, g, 1, ...) so it broadcasts over the r heads of each group."""
-    return gb.op("Unsqueeze", t, gb.ints(axis_after_g))
+def _emit_linear_attention(gb: GraphBuilder, cfg: SSDConfig, dims, a, xdt, B, C, initial_states, f):
+    """ONNX opset 27 LinearAttention(update_rule="gated") with q = C, k = B, v = Δ·x, decay = Δ·A:
+    S_t = exp(a_t)·S_{t−1} + B_t ⊗ (Δx)_t, o_t = C_tᵀ·S_t, the SSD recurrence with S = hᵀ.
+    Groups are expanded to heads: LinearAttention's grouping shares keys *and* values, SSD's only B/C."""
+    b_, l_, h_, p_, g_, n_, r_ = (dims[k] for k in "blhpgnr")
+    per_head = gb.op("Concat", b_, l_, g_, r_, n_, axis=0)
+
+    def heads_of(t):  # (b, l, g, n) -> (b, l, h·n)
+        t = gb.op("Expand", gb.op("Unsqueeze", t, gb.ints(3)), per_head)
+        return gb.op("Reshape", t, gb.op("Concat", b_, l_, gb.ints(-1), axis=0))
+
+    v = gb.op("Reshape", xdt, gb.op("Concat", b_, l_, gb.ints(-1), axis=0))  # (b, l, h·p)
+    past = None if initial_states is None else gb.op("Transpose", initial_states, perm=[0, 1, 3, 2])  # (b, h, n, p)
+    out, present = gb.op(
+        "LinearAttention", heads_of(C), heads_of(B), v, past, a, n_out=2,
+        update_rule="gated", q_num_heads=cfg.heads, kv_num_heads=cfg.heads, scale=1.0, chunk_size=cfg.chunk_size,
+    )
+    y = gb.op("Reshape", out, gb.op("Concat", b_, l_, h_, p_, axis=0))
+    return y, gb.op("Transpose", present, perm=[0, 1, 3, 2])  # (b, h, p, n)
 
 
 def _emit_step(gb: GraphBuilder, dims, a, xdt, B, C, state):
