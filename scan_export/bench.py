@@ -105,11 +105,13 @@ def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return feeds["w"].nbytes / (ms / 1e3) / 1e9
 
 
-MODEL_CONFIGS = {"tiny": "TINY", "130m": "MAMBA_130M"}
+MODEL_CONFIGS = {("mamba", "tiny"): "TINY", ("mamba", "130m"): "MAMBA_130M",
+                 ("mamba2", "tiny"): "TINY", ("mamba2", "130m"): "MAMBA2_130M"}
+HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 
 
 def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens: int = 32, repeats: int = 3,
-                workdir=None) -> dict:
+                workdir=None, model_type: str = "mamba") -> dict:
     """Prefill tokens/s and decode ms/token: onnxruntime CPU vs transformers eager, same run."""
     import numpy as np
     import torch
@@ -119,15 +121,20 @@ def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens:
     from .onnx.model_export import export_model
     from .runtime.generate import ExportedMamba
 
-    results = {"prefill_len": prefill_len, "decode_tokens": decode_tokens, "torch_threads": torch.get_num_threads(),
+    if model_type not in HF_CLASS:
+        raise ValueError(f"model_type must be one of {sorted(HF_CLASS)}, got {model_type!r}")
+    results = {"model_type": model_type, "prefill_len": prefill_len, "decode_tokens": decode_tokens, "torch_threads": torch.get_num_threads(),
                "bandwidth_gbs": measure_bandwidth_gbs(), "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir or tmp)
         for name in configs:
-            ckpt = tiny.make_tiny_checkpoint(root / f"{name}-ckpt", sharpen=False, **getattr(tiny, MODEL_CONFIGS[name]))
+            if (model_type, name) not in MODEL_CONFIGS:
+                raise ValueError(f"configs must be from {sorted({c for _, c in MODEL_CONFIGS})}, got {name!r}")
+            params = getattr(tiny, MODEL_CONFIGS[model_type, name])
+            ckpt = tiny.make_tiny_checkpoint(root / f"{name}-ckpt", model_type, sharpen=False, **params)
             export_dir = export_model(ckpt, root / f"{name}-export")
             ours = ExportedMamba(export_dir, "cpu")
-            hf = transformers.MambaForCausalLM.from_pretrained(str(ckpt)).eval()
+            hf = getattr(transformers, HF_CLASS[model_type]).from_pretrained(str(ckpt)).eval()
             vocab = ours.vocab_size
             ids = np.random.default_rng(0).integers(0, vocab, (1, prefill_len))
             prompt = torch.from_numpy(ids[:, :8])
@@ -165,7 +172,7 @@ def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens:
 
 
 def format_model_bench(results: dict) -> str:
-    lines = [f"whole model, CPU, torch threads={results['torch_threads']}, measured bandwidth "
+    lines = [f"whole model ({results['model_type']}), CPU, torch threads={results['torch_threads']}, measured bandwidth "
              f"{results['bandwidth_gbs']:.1f} GB/s, prefill {results['prefill_len']} tokens, "
              f"decode {results['decode_tokens']} tokens"]
     for m in results["models"]:

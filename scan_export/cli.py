@@ -73,6 +73,7 @@ def _add_bench(sub):
     p.add_argument("--model", action="store_true", help="whole-model prefill/decode vs transformers instead of the scan")
     p.add_argument("--ssd", action="store_true", help="the Mamba-2 SSD scan instead of the Mamba-1 scan")
     p.add_argument("--configs", default="tiny,130m", help="with --model: comma-separated, from tiny,130m")
+    p.add_argument("--model-type", default="mamba", choices=["mamba", "mamba2"], help="with --model")
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.set_defaults(func=cmd_bench)
@@ -87,7 +88,7 @@ def cmd_bench(args):
         print(format_ssd_bench(results))
     elif args.model:
         results = bench_model(configs=tuple(c for c in args.configs.split(",") if c), prefill_len=args.prefill_len,
-                              decode_tokens=args.decode_tokens, repeats=args.repeats)
+                              decode_tokens=args.decode_tokens, repeats=args.repeats, model_type=args.model_type)
         print(format_model_bench(results))
     else:
         results = bench_scan(regime=args.regime, repeats=args.repeats, chunk_size=args.chunk_size)

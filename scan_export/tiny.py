@@ -8,6 +8,9 @@ from pathlib import Path
 TINY = dict(vocab_size=256, hidden_size=64, state_size=16, num_hidden_layers=2, conv_kernel=4, expand=2)
 # Shaped like state-spaces/mamba-130m-hf, with random weights (for benchmarks only).
 MAMBA_130M = dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, conv_kernel=4, expand=2)
+# Shaped like state-spaces/mamba2-130m: 24 heads of 64, d_state 128, one group.
+MAMBA2_130M = dict(vocab_size=50280, hidden_size=768, state_size=128, num_hidden_layers=24, conv_kernel=4, expand=2,
+                   num_heads=24, head_dim=64, n_groups=1, chunk_size=256)
 
 
 def _transformers():

@@ -254,3 +254,13 @@ def test_mamba2_native_lowering_export_verifies(tmp_path, capsys):
     assert report.passed, report.format()
     assert main(["export-model", str(ckpt), "--out", str(tmp_path / "x"), "--lowering", "native"]) == 2
     assert "needs opset >= 27" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "mamba2"])
+def test_model_bench_reports_ratios_and_floor(model_type):
+    from scan_export.bench import bench_model, format_model_bench
+
+    results = bench_model(configs=("tiny",), prefill_len=16, decode_tokens=2, repeats=1, model_type=model_type)
+    (m,) = results["models"]
+    assert m["prefill_speedup"] > 0 and m["decode_speedup"] > 0 and m["decode_floor_ms"] > 0
+    assert model_type in format_model_bench(results)

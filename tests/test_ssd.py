@@ -97,7 +97,7 @@ def run_model(spec, kw):
 
 
 @pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("groups,headdim", [(1, 32), (2, 64)])
+@pytest.mark.parametrize("groups,headdim", list(itertools.product([1, 2], [32, 64])))
 @pytest.mark.parametrize("seqlen", SEQLENS)
 @pytest.mark.parametrize("with_initial_states", [False, True])
 def test_onnx_model_matches_reference(regime, groups, headdim, seqlen, with_initial_states):
