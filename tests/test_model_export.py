@@ -250,6 +250,8 @@ def test_mamba2_native_lowering_export_verifies(tmp_path, capsys):
     assert main(["export-model", str(ckpt), "--out", str(out), "--target", "ort-1.32", "--lowering", "native"]) == 0
     desc = json.loads((out / DESCRIPTION_FILE).read_text())
     assert desc["lowering"] == "native" and desc["opset"] == 27
+    ops = op_histogram(onnx.load(str(out / "model.onnx")))
+    assert ops["LinearAttention"] == 2 and ops["CausalConvWithState"] == 2 and ops["Loop"] == 0
     report = verify_export(out, ckpt, n_tokens=16, n_prompts=2)
     assert report.passed, report.format()
     assert main(["export-model", str(ckpt), "--out", str(tmp_path / "x"), "--lowering", "native"]) == 2

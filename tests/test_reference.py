@@ -182,3 +182,19 @@ def test_chunked_gradients_match_reference(regime, groups):
     for name, got, want in zip(GRAD_NAMES, grads, ref_grads):
         # mamba_ssm's own fp32 gradient tolerances (tests/ops/test_selective_scan.py).
         torch.testing.assert_close(got.double(), want, rtol=6e-4, atol=2e-3, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_causal_conv_with_state_matches_torch_conv1d():
+    """Channels-last conv with K−1 state == F.conv1d over the whole history, split anywhere."""
+    from scan_export.reference.conv import causal_conv1d_with_state
+
+    torch.manual_seed(1)
+    b, c, k, l = 2, 6, 4, 20
+    x = torch.randn(b, l, c)
+    w, bias = torch.randn(c, 1, k), torch.randn(c)
+    want = F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), w, bias, groups=c).transpose(1, 2)
+    y1, state = causal_conv1d_with_state(x[:, :13], torch.zeros(b, k - 1, c), w, bias)
+    y2, _ = causal_conv1d_with_state(x[:, 13:], state, w, bias)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"conv_state must be \(batch, 3, 6\), got \(2, 6, 3\)"):
+        causal_conv1d_with_state(x, torch.zeros(b, c, k - 1), w, bias)

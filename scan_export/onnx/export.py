@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from .lowering.graph_builder import GraphBuilder
+from .lowering.causal_conv import emit_causal_conv
 from .lowering.selective_scan import SelectiveScanConfig, emit_selective_scan
 from .lowering.ssd import SSDConfig, emit_ssd_scan
 from .ops import ONNX_DOMAIN, SCAN_INPUTS, SSD_INPUTS, onnx_translation_table
@@ -23,7 +24,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def lower_custom_ops(model: onnx.ModelProto, ssd_lowering: str = "portable") -> onnx.ModelProto:
     """Replace each scan_export.SelectiveScan / SSDScan node with its lowering, in place.
 
-    ssd_lowering: "portable" (Loop over chunks) or "native" (opset 27 LinearAttention)."""
+    ssd_lowering: "portable" (Loop over chunks; Slice/Mul/Add conv) or "native" (opset 27
+    LinearAttention for SSD scans, CausalConvWithState for convs; Mamba-1 scans stay portable)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = model.graph
     new_nodes = []
@@ -31,12 +33,16 @@ def lower_custom_ops(model: onnx.ModelProto, ssd_lowering: str = "portable") -> 
         if node.domain != ONNX_DOMAIN:
             new_nodes.append(node)
             continue
-        if node.op_type not in ("SelectiveScan", "SSDScan"):
+        if node.op_type not in ("SelectiveScan", "SSDScan", "CausalConv"):
             raise ValueError(f"unknown {ONNX_DOMAIN} node {node.op_type!r}")
         if opset < MIN_OPSET:
             raise ValueError(f"the scan lowerings need opset >= {MIN_OPSET}, the model has {opset}")
         a = _attrs(node)
-        if node.op_type == "SelectiveScan":
+        if node.op_type == "CausalConv":
+            gb = GraphBuilder(f"causal_conv_{k}")
+            ins = [i or None for i in node.input] + [None] * (4 - len(node.input))
+            out, last_state = emit_causal_conv(gb, a["kernel"], *ins, lowering=ssd_lowering)
+        elif node.op_type == "SelectiveScan":
             cfg = SelectiveScanConfig(
                 io_dtype=a["io_dtype"], bc_layout=a["bc_layout"].decode() if isinstance(a["bc_layout"], bytes) else a["bc_layout"],
                 delta_softplus=bool(a["delta_softplus"]), chunk_size=a["chunk_size"],

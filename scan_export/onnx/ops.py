@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.custom_ops import SCAN_INPUTS, SSD_INPUTS, selective_scan_fn, selective_scan_op  # noqa: F401
+from ..reference.custom_ops import CONV_INPUTS, SCAN_INPUTS, SSD_INPUTS, selective_scan_fn, selective_scan_op  # noqa: F401
 from ..reference.selective_scan import DEFAULT_CHUNK_SIZE
 
 ONNX_DOMAIN = "scan_export"
@@ -45,7 +45,9 @@ def onnx_translation_table() -> dict:
     _register_onnx_schema("SSDScan", SSD_INPUTS, ("y", "final_states"), 5,
                           {"chunk_size": INT, "dt_softplus": INT, "dt_limit_lo": FLOAT, "dt_limit_hi": FLOAT,
                            "d_per_channel": INT, "io_dtype": INT, "heads": INT})
+    _register_onnx_schema("CausalConv", CONV_INPUTS, ("y", "new_state"), 3, {"kernel": INT})
     opset = onnxscript.values.Opset(ONNX_DOMAIN, 1)
+    conv_node = onnxscript.values.Op(opset, "CausalConv")
     node = onnxscript.values.Op(opset, "SelectiveScan")
     ssd_node = onnxscript.values.Op(opset, "SSDScan")
 
@@ -77,5 +79,12 @@ def onnx_translation_table() -> dict:
         final.shape = ir.Shape([x.shape[0], x.shape[2], x.shape[3], B.shape[3]])
         return y, final
 
-    return {torch.ops.scan_export.selective_scan.default: selective_scan,
+    def causal_conv(x, conv_state, weight, bias=None):
+        y, state = conv_node(x, conv_state, weight, bias, kernel=weight.shape[-1], _outputs=2)
+        y.type, y.shape = ir.TensorType(x.dtype), x.shape
+        state.type, state.shape = ir.TensorType(x.dtype), conv_state.shape
+        return y, state
+
+    return {torch.ops.scan_export.causal_conv.default: causal_conv,
+            torch.ops.scan_export.selective_scan.default: selective_scan,
             torch.ops.scan_export.ssd_scan.default: ssd_scan}

@@ -23,9 +23,8 @@ def selective_scan_op(
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
     initial_state: Optional[torch.Tensor], delta_softplus: bool, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, last_state = selective_scan_chunked(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state, chunk_size
-    )
+    out, last_state = _selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                                              chunk_size)
     # Fresh contiguous outputs: opcheck rejects views with foreign strides or offsets.
     return out.contiguous().clone(), last_state.contiguous().clone()
 
@@ -35,30 +34,36 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_
     return torch.empty_like(u), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=compute_dtype(u))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:9])
-    ctx.delta_softplus, ctx.chunk_size = inputs[9], inputs[10]
+def register_recompute_autograd(op, forward, n_tensors: int) -> None:
+    """Give a custom op a backward that recomputes `forward` under autograd (checkpoint style).
+
+    op's first n_tensors inputs are tensors (or None); the rest are options passed through.
+    forward(*tensors, *options) must return the op's outputs as a tuple.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.options = inputs[n_tensors:]
+
+    def backward(ctx, *grad_outputs):
+        leaves = [x.detach().requires_grad_(True) if x is not None and ctx.needs_input_grad[i] else x
+                  for i, x in enumerate(ctx.saved_tensors)]
+        wanted = [x for i, x in enumerate(leaves) if x is not None and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            outputs = forward(*leaves, *ctx.options)
+            pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
+        result = [next(grads) if x is not None and ctx.needs_input_grad[i] else None for i, x in enumerate(leaves)]
+        return (*result, *(None for _ in ctx.options))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_out, grad_last_state):
-    """Recompute the chunked scan under autograd and pull the gradients through it."""
-    saved = ctx.saved_tensors
-    leaves = [
-        x.detach().requires_grad_(True) if x is not None and ctx.needs_input_grad[i] else x
-        for i, x in enumerate(saved)
-    ]
-    wanted = [x for i, x in enumerate(leaves) if x is not None and ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        out, last_state = selective_scan_chunked(
-            *leaves[:5], *leaves[5:8], ctx.delta_softplus, True, leaves[8], ctx.chunk_size
-        )
-        pairs = [(o, g) for o, g in ((out, grad_out), (last_state, grad_last_state)) if g is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-    result = [next(grads) if x is not None and ctx.needs_input_grad[i] else None for i, x in enumerate(leaves)]
-    return (*result, None, None)
+def _selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size):
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state, chunk_size)
 
 
-selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+register_recompute_autograd(selective_scan_op, _selective_scan_forward, n_tensors=9)
 
 
 def selective_scan_fn(
@@ -93,8 +98,8 @@ def ssd_scan_op(
     initial_states: Optional[torch.Tensor], chunk_size: int, dt_softplus: bool, dt_limit_lo: float,
     dt_limit_hi: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, final = ssd_scan_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus,
-                                (dt_limit_lo, dt_limit_hi), True)
+    y, final = _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_limit_lo,
+                            dt_limit_hi)
     return y.contiguous().clone(), final.contiguous().clone()
 
 
@@ -104,25 +109,11 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt
     return torch.empty_like(x), x.new_empty((b, h, p, B.shape[-1]), dtype=compute_dtype(x))
 
 
-def _ssd_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:9])
-    ctx.options = inputs[9:]
+def _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, lo, hi):
+    return ssd_scan_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, (lo, hi), True)
 
 
-def _ssd_backward(ctx, grad_y, grad_final):
-    leaves = [x.detach().requires_grad_(True) if x is not None and ctx.needs_input_grad[i] else x
-              for i, x in enumerate(ctx.saved_tensors)]
-    wanted = [x for i, x in enumerate(leaves) if x is not None and ctx.needs_input_grad[i]]
-    chunk_size, softplus, lo, hi = ctx.options
-    with torch.enable_grad():
-        y, final = ssd_scan_chunked(*leaves[:5], chunk_size, *leaves[5:], softplus, (lo, hi), True)
-        pairs = [(o, g) for o, g in ((y, grad_y), (final, grad_final)) if g is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-    result = [next(grads) if x is not None and ctx.needs_input_grad[i] else None for i, x in enumerate(leaves)]
-    return (*result, None, None, None, None)
-
-
-ssd_scan_op.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
+register_recompute_autograd(ssd_scan_op, _ssd_forward, n_tensors=9)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=SSD_DEFAULT_CHUNK_SIZE, D=None, z=None, dt_bias=None,
@@ -139,3 +130,33 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=SSD_DEFAULT_CHUNK_SIZE,
     y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, int(chunk_size), bool(dt_softplus),
                            float(dt_limit[0]), float(dt_limit[1]))
     return (y, final) if return_final_states else y
+
+
+# ------------------------------------------------------------------------------------------------
+# Causal depthwise conv with state (both Mamba generations)
+
+from .conv import causal_conv1d_with_state  # noqa: E402
+
+CONV_INPUTS = ("x", "conv_state", "weight", "bias")
+
+
+@torch.library.custom_op("scan_export::causal_conv", mutates_args=())
+def causal_conv_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    y, state = causal_conv1d_with_state(x, conv_state, weight, bias)
+    return y.contiguous().clone(), state.contiguous().clone()
+
+
+@causal_conv_op.register_fake
+def _(x, conv_state, weight, bias):
+    return torch.empty_like(x), torch.empty_like(conv_state, dtype=x.dtype)
+
+
+register_recompute_autograd(causal_conv_op, causal_conv1d_with_state, n_tensors=4)
+
+
+def causal_conv(x, conv_state, weight, bias=None):
+    """x: (b, l, c) channels-last, conv_state: (b, K−1, c), weight: (c, 1, K) -> (y, new conv_state).
+
+    One exportable node: lowered to Slice/Mul/Add (portable) or CausalConvWithState (native, opset 27)."""
+    return causal_conv_op(x, conv_state, weight, bias)

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .custom_ops import mamba_chunk_scan_combined, selective_scan_fn
-from .conv import causal_conv1d_with_state
+from .custom_ops import causal_conv, mamba_chunk_scan_combined, selective_scan_fn
 
 SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
 
@@ -144,7 +143,7 @@ class MambaMixer(nn.Module):
         """
         cfg = self.cfg
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
-        u, conv_state = causal_conv1d_with_state(u, conv_state, self.conv1d.weight, self.conv1d.bias)
+        u, conv_state = causal_conv(u, conv_state, self.conv1d.weight, self.conv1d.bias)
         u = F.silu(u)
         dt, B, C = self.x_proj(u).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         if cfg.model_type == "falcon_mamba":
@@ -194,7 +193,7 @@ class Mamba2Mixer(nn.Module):
         b, l, _ = x.shape
         gn = cfg.n_groups * cfg.state_size
         gate, xBC, dt = self.in_proj(x).split([cfg.intermediate_size, cfg.conv_dim, cfg.num_heads], dim=-1)
-        xBC, conv_state = causal_conv1d_with_state(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
+        xBC, conv_state = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
         xs, B, C = F.silu(xBC).split([cfg.intermediate_size, gn, gn], dim=-1)
         y, ssm_state = mamba_chunk_scan_combined(
             xs.reshape(b, l, cfg.num_heads, cfg.head_dim), dt, -torch.exp(self.A_log.float()),
