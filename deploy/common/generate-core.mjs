@@ -1,0 +1,73 @@
+// The scan_export I/O contract (docs/deploy.md), independent of the host: the caller passes the
+// onnxruntime module it uses (onnxruntime-node or onnxruntime-web) and an InferenceSession.
+//
+// Contract, from OUT_DIR/scan_export.json:
+//   inputs:  input_ids (batch, seqlen) int64, then each state input in `description.inputs` order
+//   outputs: logits (batch, seqlen, vocab), then the state outputs in `description.outputs` order
+//   a new sequence starts from all-zero states; after each run, output state i feeds input state i.
+
+const TYPED = { float32: Float32Array };
+
+export function stateInputs(description) {
+  return description.inputs.filter((i) => i.name !== 'input_ids');
+}
+
+export function stateOutputs(description) {
+  return description.outputs.filter((o) => o.name !== 'logits').map((o) => o.name);
+}
+
+/** Zero states for `batch` sequences, as a {name: Tensor} map. */
+export function zeroState(ort, description, batch) {
+  const feeds = {};
+  for (const s of stateInputs(description)) {
+    const Typed = TYPED[s.dtype];
+    if (!Typed) throw new Error(`state ${s.name} has dtype ${s.dtype}; this host supports float32 exports only`);
+    const dims = s.shape.map((d) => (d === 'batch' ? batch : d));
+    feeds[s.name] = new ort.Tensor(s.dtype, new Typed(dims.reduce((a, b) => a * b, 1)), dims);
+  }
+  return feeds;
+}
+
+function checkIds(description, ids) {
+  if (!ids.length) throw new Error('input ids must not be empty');
+  for (const t of ids) {
+    if (!Number.isInteger(t) || t < 0 || t >= description.vocab_size) {
+      throw new Error(`input ids must lie in [0, ${description.vocab_size}) (vocab_size), got ${t}`);
+    }
+  }
+}
+
+/** Index of the largest of the last position's logits (the first one on ties, like numpy's argmax). */
+function lastArgmax(logits) {
+  const [, seqlen, vocab] = logits.dims;
+  const data = logits.data;
+  const base = (seqlen - 1) * vocab;
+  let best = 0;
+  for (let v = 1; v < vocab; v++) if (data[base + v] > data[base + best]) best = v;
+  return best;
+}
+
+/**
+ * Greedy generation for one prompt: prefill, then one token per run, carrying the state.
+ * onToken(tokenId) streams each token; a stopTokenId, when produced, is the last token returned.
+ */
+export async function generateGreedy(ort, session, description, promptIds, maxNewTokens, { onToken, stopTokenId } = {}) {
+  checkIds(description, promptIds);
+  const outputs = stateOutputs(description);
+  const inputs = stateInputs(description).map((s) => s.name);
+  let feeds = zeroState(ort, description, 1);
+  let ids = promptIds;
+  const tokens = [];
+  while (tokens.length < maxNewTokens) {
+    feeds.input_ids = new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]);
+    const result = await session.run(feeds);
+    const next = lastArgmax(result.logits);
+    tokens.push(next);
+    if (onToken) onToken(next);
+    if (next === stopTokenId) break;
+    feeds = {};
+    inputs.forEach((name, i) => { feeds[name] = result[outputs[i]]; });
+    ids = [next];
+  }
+  return tokens;
+}
