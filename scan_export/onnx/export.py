@@ -21,10 +21,10 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def lower_custom_ops(model: onnx.ModelProto, ssd_lowering: str = "portable") -> onnx.ModelProto:
+def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable") -> onnx.ModelProto:
     """Replace each scan_export.SelectiveScan / SSDScan node with its lowering, in place.
 
-    ssd_lowering: "portable" (Loop over chunks; Slice/Mul/Add conv) or "native" (opset 27
+    lowering: "portable" (Loop over chunks; Slice/Mul/Add conv) or "native" (opset 27
     LinearAttention for SSD scans, CausalConvWithState for convs; Mamba-1 scans stay portable)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = model.graph
@@ -41,7 +41,7 @@ def lower_custom_ops(model: onnx.ModelProto, ssd_lowering: str = "portable") -> 
         if node.op_type == "CausalConv":
             gb = GraphBuilder(f"causal_conv_{k}")
             ins = [i or None for i in node.input] + [None] * (4 - len(node.input))
-            out, last_state = emit_causal_conv(gb, a["kernel"], *ins, lowering=ssd_lowering)
+            out, last_state = emit_causal_conv(gb, a["kernel"], *ins, lowering=lowering)
         elif node.op_type == "SelectiveScan":
             cfg = SelectiveScanConfig(
                 io_dtype=a["io_dtype"], bc_layout=a["bc_layout"].decode() if isinstance(a["bc_layout"], bytes) else a["bc_layout"],
@@ -52,7 +52,7 @@ def lower_custom_ops(model: onnx.ModelProto, ssd_lowering: str = "portable") -> 
         else:
             cfg = SSDConfig(io_dtype=a["io_dtype"], chunk_size=a["chunk_size"], dt_softplus=bool(a["dt_softplus"]),
                             dt_limit=(a["dt_limit_lo"], a["dt_limit_hi"]), d_per_channel=bool(a["d_per_channel"]),
-                            lowering=ssd_lowering, heads=a.get("heads") or None)
+                            lowering=lowering, heads=a.get("heads") or None)
             gb = GraphBuilder(f"ssd_scan_{k}")
             out, last_state = emit_ssd_scan(gb, cfg, **dict(zip(SSD_INPUTS, [i or None for i in node.input])))
         # Route the lowering's results to the names the rest of the graph already uses.
@@ -106,7 +106,7 @@ def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_n
         # node's outputs and would erase the types the translation set.
         optimize=False,
     )
-    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto, ssd_lowering=lowering))
+    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto, lowering=lowering))
     model.ir_version = tgt.ir_version
     onnx.checker.check_model(model, full_check=True)
     if path is not None:
