@@ -266,3 +266,20 @@ def test_model_bench_reports_ratios_and_floor(model_type):
     (m,) = results["models"]
     assert m["prefill_speedup"] > 0 and m["decode_speedup"] > 0 and m["decode_floor_ms"] > 0
     assert model_type in format_model_bench(results)
+
+
+def test_prompt_text_goes_through_the_copied_tokenizer(tmp_path, capsys):
+    """A checkpoint with tokenizer.json: export copies it, `generate --prompt` encodes and decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "hello", "world", "mamba", "scan", "state"] + [f"w{i}" for i in range(250)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    tok.save(str(ckpt / "tokenizer.json"))
+    out = export_model(ckpt, tmp_path / "export")
+    assert (out / "tokenizer.json").is_file()
+    want = generate(ExportedMamba(out), [[1, 2, 3]], 5)[0]  # "hello world mamba"
+    assert main(["generate", str(out), "--prompt", "hello world mamba", "--max-new-tokens", "5", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["tokens"] == want and got["text"] == tok.decode(want)
