@@ -22,11 +22,10 @@ from pathlib import Path
 
 import onnx
 
+from ..runtime.generate import DESCRIPTION_FILE, FORMAT  # the contract's names live with its reader
 from .targets import DEFAULT_TARGET, resolve_target
 
-DESCRIPTION_FILE = "scan_export.json"
 MODEL_FILE = "model.onnx"
-FORMAT = "scan_export/mamba-lm"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for the graph itself
