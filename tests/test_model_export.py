@@ -158,6 +158,8 @@ def test_token_id_out_of_vocab_is_refused(exported, capsys):
         generate(model, [[1, 256]], 3)
     assert main(["generate", str(out), "--input-ids", "1,999", "--max-new-tokens", "2"]) == 2
     assert "vocab_size" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], 3)
 
 
 def test_prompt_needs_a_tokenizer(exported, capsys):

@@ -107,8 +107,6 @@ def prefill(model: ExportedMamba, prompts: list[list[int]]) -> tuple[np.ndarray,
     """Run each group of equal-length prompts at once. -> (last logits: (b, V), state for all b rows)."""
     groups = defaultdict(list)
     for row, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
         groups[len(prompt)].append(row)
     last_logits = np.zeros((len(prompts), model.vocab_size), np.float32)
     state = None
@@ -132,7 +130,9 @@ def generate(model: ExportedMamba, prompts: list[list[int]], max_new_tokens: int
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     for row, prompt in enumerate(prompts):
-        model.check_ids(np.array([prompt]) if len(prompt) else np.zeros((1, 1), np.int64))
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
+        model.check_ids(np.array([prompt]))
     rng = np.random.default_rng(sampling.seed)
     out = [[] for _ in prompts]
     if max_new_tokens == 0 or not prompts:
