@@ -197,22 +197,21 @@ def _emit_chunk_loop(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt
     S_end = body.op("Slice", S, body.ints(-1), body.ints(INT64_MAX), body.ints(0))  # (1, b, g, 1, hd)
     decay = body.op("ReduceMax", body.op("Mul", abs_A, S_end), keepdims=0)  # Λ, scalar
     S_mid = body.op("Mul", S_end, body.const(0.5, fnp))
-    X = body.op("Mul", du_c, B_c)  # (T, b, g, n, hd) Δ·u·B
 
+    # Each form reads the small per-chunk tensors and returns only y and the last state: the
+    # (T, b, g, n, hd) states never cross the If, which would copy them.
     plain = body.child("plain")
-    H_plain = _emit_plain(plain, A_g, S, S_mid, X, h_in)
+    y_plain, h_plain = _emit_plain(plain, A_g, S, S_mid, du_c, B_c, C_c, h_in)
     stable = body.child("stable")
-    H_stable = _emit_subchunked(stable, A_g, dt_c, X, h_in, T, fnp)
-    H = body.op(
-        "If", body.op("Less", decay, body.const(PLAIN_MAX_DECAY, fnp)),
-        then_branch=plain.graph("plain_chunk", [], [value_info(H_plain, f)]),
-        else_branch=stable.graph("stable_chunk", [], [value_info(H_stable, f)]),
-    )  # (T, b, g, n, hd) states of this chunk
-    y_c = body.op("ReduceSum", body.op("Mul", H, C_c), body.ints(3), keepdims=0)  # (T, b, g, hd)
+    y_stable, h_stable = _emit_subchunked(stable, cfg, dims, A_g, dt_c, du_c, B_c, C_c, h_in, T, fnp)
+    y_c, h_out = body.op(
+        "If", body.op("Less", decay, body.const(PLAIN_MAX_DECAY, fnp)), n_out=2,
+        then_branch=plain.graph("plain_chunk", [], [value_info(y_plain, f), value_info(h_plain, f)]),
+        else_branch=stable.graph("stable_chunk", [], [value_info(y_stable, f), value_info(h_stable, f)]),
+    )  # y_c: (T, b, g, hd), h_out: (b, g, n, hd)
     # Scanned out flat: ONNX stacks scan outputs on a new axis, but onnx's ReferenceEvaluator
     # concatenates them (np.vstack); a 1-D output means the same (nc, T·b·g·hd) in both.
     y_flat = body.op("Reshape", y_c, body.ints(-1))
-    h_out = body.op("Gather", H, body.const(-1, np.int64), axis=0)  # (b, g, n, hd)
     cond_out = body.op("Identity", cond_in)
     body_graph = body.graph(
         "selective_scan_chunk",
@@ -243,27 +242,40 @@ def _scalar_tensor(value, np_dtype):
     return numpy_helper.from_array(np.array([value], dtype=np_dtype))
 
 
-def _emit_plain(gb: GraphBuilder, A_g, S, S_mid, X, h):
-    """h_t = E_t·(CumSum(X / E)_t + exp(A·S_mid)·h),  E_t = exp(A·(S_t − S_mid)); see the reference."""
+def _emit_plain(gb: GraphBuilder, A_g, S, S_mid, du_c, B_c, C_c, h):
+    """h_t = E_t·(CumSum(X / E)_t + exp(A·S_mid)·h),  E_t = exp(A·(S_t − S_mid)); see the reference.
+    Returns (y: (T, b, g, hd), last state: (b, g, n, hd))."""
+    X = gb.op("Mul", du_c, B_c)  # (T, b, g, n, hd) Δ·u·B
     E = gb.op("Exp", gb.op("Mul", A_g, gb.op("Sub", S, S_mid)))  # (T, b, g, n, hd)
     cum = gb.op("CumSum", gb.op("Div", X, E), gb.const(0, np.int64))
     carried = gb.op("Mul", h, gb.op("Exp", gb.op("Mul", A_g, S_mid)))  # (1, b, g, n, hd)
-    return gb.op("Mul", E, gb.op("Add", cum, carried))
+    H = gb.op("Mul", E, gb.op("Add", cum, carried))
+    y = gb.op("ReduceSum", gb.op("Mul", H, C_c), gb.ints(3), keepdims=0)  # (T, b, g, hd)
+    return y, gb.op("Gather", H, gb.const(-1, np.int64), axis=0)
 
 
-def _emit_subchunked(gb: GraphBuilder, A_g, dt_c, X, h, T, fnp):
+def _emit_subchunked(gb: GraphBuilder, cfg, dims, A_g, dt_c, du_c, B_c, C_c, h, T, fnp):
     """Any decay: cumsum/divide inside sub-chunks, the recurrence between them (see the reference's
-    chunk_states_subchunked). X: (T, b, g, n, hd) -> H: (T, b, g, n, hd)."""
+    chunk_states_subchunked). Works in (m, sub, b, g, n, hd); reshapes only the small inputs.
+    Returns (y: (T, b, g, hd), last state: (b, g, n, hd))."""
     sub = subchunk_size(T)
     m = T // sub
-    split = gb.op("Concat", gb.ints(m, sub), gb.op("Slice", gb.op("Shape", X), gb.ints(1), gb.ints(INT64_MAX)), axis=0)
+    ms = gb.ints(m, sub)
+    if cfg.bc_layout == "fixed":
+        B_s, C_s = (gb.op("Unsqueeze", x, gb.ints(0)) for x in (B_c, C_c))  # (1, 1, 1, d, n, 1)
+    else:
+        bgn1 = gb.op("Concat", ms, dims.b, dims.g, dims.n, gb.ints(1), axis=0)
+        B_s, C_s = (gb.op("Reshape", x, bgn1) for x in (B_c, C_c))  # (m, sub, b, g, n, 1)
+    bg1h = gb.op("Concat", ms, dims.b, dims.g, gb.ints(1), dims.hd, axis=0)
+    dt_s, du_s = (gb.op("Reshape", x, bg1h) for x in (dt_c, du_c))  # (m, sub, b, g, 1, hd)
     floor = STEP_LOG_DECAY_MIN[np.dtype(fnp).name]
-    log_a = gb.op("Max", gb.op("Mul", A_g, dt_c), gb.const(floor, fnp))  # (T, b, g, n, hd)
-    P = gb.op("CumSum", gb.op("Reshape", log_a, split), gb.const(1, np.int64))  # (m, sub, b, g, n, hd)
+    log_a = gb.op("Max", gb.op("Mul", A_g, dt_s), gb.const(floor, fnp))  # (m, sub, b, g, n, hd)
+    P = gb.op("CumSum", log_a, gb.const(1, np.int64))  # log-decay from each sub-chunk's start
     last = (gb.ints(-1), gb.ints(INT64_MAX), gb.ints(1))
     P_end = gb.op("Slice", P, *last)  # (m, 1, b, g, n, hd)
     E = gb.op("Exp", gb.op("Sub", P, gb.op("Mul", P_end, gb.const(0.5, fnp))))
-    local = gb.op("Mul", E, gb.op("CumSum", gb.op("Div", gb.op("Reshape", X, split), E), gb.const(1, np.int64)))
+    X = gb.op("Mul", du_s, B_s)  # Δ·u·B
+    local = gb.op("Mul", E, gb.op("CumSum", gb.op("Div", X, E), gb.const(1, np.int64)))
     decay_end = gb.op("Exp", gb.op("Squeeze", P_end, gb.ints(1)))  # (m, b, g, n, hd)
     local_end = gb.op("Squeeze", gb.op("Slice", local, *last), gb.ints(1))
     carries = []
@@ -273,5 +285,8 @@ def _emit_subchunked(gb: GraphBuilder, A_g, dt_c, X, h, T, fnp):
             at = gb.const(j, np.int64)
             h = gb.op("Add", gb.op("Mul", gb.op("Gather", decay_end, at, axis=0), h), gb.op("Gather", local_end, at, axis=0))
     carried = gb.op("Unsqueeze", gb.op("Concat", *carries, axis=0), gb.ints(1))  # (m, 1, b, g, n, hd)
-    H = gb.op("Add", local, gb.op("Mul", gb.op("Exp", P), carried))
-    return gb.op("Reshape", H, gb.op("Shape", X))
+    H = gb.op("Add", local, gb.op("Mul", gb.op("Exp", P), carried))  # (m, sub, b, g, n, hd)
+    y = gb.op("ReduceSum", gb.op("Mul", H, C_s), gb.ints(4), keepdims=0)  # (m, sub, b, g, hd)
+    y = gb.op("Reshape", y, gb.op("Concat", gb.ints(T), dims.b, dims.g, dims.hd, axis=0))
+    last_state = gb.op("Gather", gb.op("Gather", H, gb.const(-1, np.int64), axis=0), gb.const(-1, np.int64), axis=0)
+    return y, last_state
