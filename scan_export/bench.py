@@ -112,7 +112,8 @@ HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 
 def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens: int = 32, repeats: int = 3,
                 workdir=None, model_type: str = "mamba") -> dict:
-    """Prefill tokens/s and decode ms/token: onnxruntime CPU vs transformers eager, same run."""
+    """Prefill tokens/s and decode ms/token (median of per-token times): onnxruntime CPU vs
+    transformers eager, same run."""
     import numpy as np
     import torch
     import transformers
@@ -139,22 +140,38 @@ def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens:
             ids = np.random.default_rng(0).integers(0, vocab, (1, prefill_len))
             prompt = torch.from_numpy(ids[:, :8])
 
-            def hf_generate(n):
-                hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            def hf_step_times():
+                """Per-token decode times from transformers' own generate loop: a streamer stamps
+                each token as it arrives (the first put is the prompt, the second ends prefill)."""
+                stamps = []
 
-            def ort_decode():
+                class Stamp(transformers.generation.streamers.BaseStreamer):
+                    def put(self, value):
+                        stamps.append(time.perf_counter())
+
+                    def end(self):
+                        pass
+
+                hf.generate(prompt, max_new_tokens=decode_tokens + 1, min_new_tokens=decode_tokens + 1,
+                            do_sample=False, streamer=Stamp())
+                return np.diff(stamps[1:])
+
+            def ort_step_times():
                 logits, state = ours.forward(ids[:, :8], ours.zero_state(1))
+                times = []
                 for _ in range(decode_tokens):
+                    t0 = time.perf_counter()
                     logits, state = ours.forward(logits[:, -1].argmax(-1)[:, None], state)
+                    times.append(time.perf_counter() - t0)
+                return times
 
             with torch.inference_mode():
                 hf_prefill = median_ms(lambda: hf(torch.from_numpy(ids)), repeats)
-                # decode = (generate N+1 tokens − generate 1 token) / N: the same path users run.
-                hf_decode = (median_ms(lambda: hf_generate(decode_tokens + 1), repeats)
-                             - median_ms(lambda: hf_generate(1), repeats)) / decode_tokens
+                hf_step_times()  # warm-up
+                hf_decode = 1e3 * float(np.median(np.concatenate([hf_step_times() for _ in range(repeats)])))
             ort_prefill = median_ms(lambda: ours.forward(ids, ours.zero_state(1)), repeats)
-            ort_prefill8 = median_ms(lambda: ours.forward(ids[:, :8], ours.zero_state(1)), repeats)
-            ort_decode_ms = (median_ms(ort_decode, repeats) - ort_prefill8) / decode_tokens
+            ort_step_times()  # warm-up
+            ort_decode_ms = 1e3 * float(np.median(np.concatenate([ort_step_times() for _ in range(repeats)])))
             weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # tied lm_head counted once
             floor_ms = weight_bytes / (results["bandwidth_gbs"] * 1e9) * 1e3
             results["models"].append({
