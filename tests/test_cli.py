@@ -3,7 +3,6 @@
 import json
 
 import onnx
-import pytest
 
 from scan_export.bench import bench_scan
 from scan_export.cli import build_parser, main, scan_spec_from_args

@@ -5,7 +5,6 @@ Needs `npm ci` in deploy/ (done by .ci/run) and /usr/bin/chromium; each missing 
 with the reason, and no test passes without running the host it names."""
 
 import contextlib
-import functools
 import http.server
 import json
 import shutil

@@ -1,7 +1,6 @@
 """Whole-model export of HF Mamba / FalconMamba checkpoints, and generation in onnxruntime."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -1,10 +1,7 @@
 """Mamba-2 SSD: the sequential oracle, the chunked scan, the ONNX lowering and the drop-in op."""
 
 import itertools
-import math
 
-import numpy as np
-import onnx
 import pytest
 import torch
 

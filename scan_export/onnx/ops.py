@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.custom_ops import CONV_INPUTS, SCAN_INPUTS, SSD_INPUTS, selective_scan_fn, selective_scan_op  # noqa: F401
+from ..reference.custom_ops import CONV_INPUTS, SCAN_INPUTS, SSD_INPUTS
 from ..reference.selective_scan import DEFAULT_CHUNK_SIZE
 
 ONNX_DOMAIN = "scan_export"

@@ -12,7 +12,7 @@ Per layer i the state is conv_state_i: (b, K−1, d) and ssm_state_i: (b, d, n) 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,9 +82,6 @@ class MambaLMConfig:
             mixer_rms_eps=cfg.get("mixer_rms_eps", 1e-6), tie_word_embeddings=cfg.get("tie_word_embeddings", True),
             eos_token_id=eos[0] if isinstance(eos, list) else eos, bos_token_id=cfg.get("bos_token_id"),
         )
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
     def state_shapes(self) -> tuple[tuple, tuple]:
         """Per-layer (conv_state, ssm_state) shapes without the batch dimension."""
