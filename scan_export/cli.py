@@ -99,6 +99,8 @@ def cmd_bench(args):
 
 
 def _add_export_model(sub):
+    from .onnx.targets import DEFAULT_SCAN_FORM, SCAN_FORMS
+
     p = sub.add_parser("export-model", help="export a local HF Mamba/FalconMamba/Mamba2 checkpoint to ONNX with state I/O")
     p.add_argument("checkpoint_dir")
     p.add_argument("--out", required=True, help="output directory (replaced atomically on success)")
@@ -107,6 +109,9 @@ def _add_export_model(sub):
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--lowering", default="portable", choices=["portable", "native"],
                    help="Mamba-2 scan: portable Loop (opset 21) or native LinearAttention (opset 27, --target ort-1.32)")
+    p.add_argument("--scan-form", default=DEFAULT_SCAN_FORM, choices=list(SCAN_FORMS),
+                   help="Mamba-1 scan: a Scan over time steps (sequential; fastest on CPU) or a Loop over chunks "
+                        "(chunked; parallel within a chunk)")
     p.set_defaults(func=cmd_export_model)
 
 
@@ -116,7 +121,7 @@ def cmd_export_model(args):
     from .onnx.model_export import DESCRIPTION_FILE, export_model
 
     out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
-                       lowering=args.lowering)
+                       lowering=args.lowering, scan_form=args.scan_form)
     d = json.loads((out / DESCRIPTION_FILE).read_text())
     print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}, "
           f"IR {d['ir_version']}, opset {d['opset']}, {d['node_count']} nodes")

@@ -77,6 +77,8 @@ def verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS, 
                 # HF keeps (b, d, K), we keep the last K−1 columns channels-last: (b, K−1, d).
                 conv = cache.get_conv_state(layer).float().numpy()[..., 1:].transpose(0, 2, 1)
                 ssm = cache.get_recurrent_state(layer).float().numpy()
+                if ours.description["model_type"] != "mamba2":  # HF (b, d, n), ours channels-last (b, n, d)
+                    ssm = ssm.transpose(0, 2, 1)
                 report.states.append(compare(outputs[2 * layer], state[2 * layer], conv))
                 report.states.append(compare(outputs[2 * layer + 1], state[2 * layer + 1], ssm))
     eos = ours.description.get("eos_token_id")

@@ -43,17 +43,14 @@ def test_check_command_passes_on_a_good_model(tmp_path, capsys):
 
 
 def test_check_command_fails_on_a_broken_model(tmp_path, capsys):
-    """A model with a wrong readout (max over the state instead of C·h summed) must fail check."""
+    """A model with an off-by-one readout (y_t = C_t·h_{t−1}, the state before the update) must fail check."""
     out = tmp_path / "scan.onnx"
     assert main(["scan", "--out", str(out)]) == 0
     model = onnx.load(str(out))
-    branch = next(n for n in model.graph.node if n.op_type == "If")  # single step | chunk loop
-    for graph in (a.g for a in branch.attribute):
-        loop = next((n for n in graph.node if n.op_type == "Loop"), None)
-        readouts = graph.node if loop is None else loop.attribute[0].g.node
-        for node in readouts:
-            if node.op_type == "ReduceSum":
-                node.op_type = "ReduceMax"
+    scan = next(n for n in model.graph.node if n.op_type == "Scan")  # the sequential form
+    body = scan.attribute[0].g
+    readout = next(n for n in body.node if n.op_type == "MatMul")  # y_t = C_t·h_t
+    readout.input[1] = body.input[0].name  # h_{t−1}
     onnx.save(model, str(out))
     assert main(["check", str(out)]) == 1
     assert "FAIL" in capsys.readouterr().out

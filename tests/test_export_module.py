@@ -1,4 +1,5 @@
-"""selective_scan_fn inside an nn.Module exports through dynamo as one Loop over chunks."""
+"""selective_scan_fn inside an nn.Module exports through dynamo as one Scan over time (or, with
+scan_form="chunked", one Loop over chunks)."""
 
 import collections
 
@@ -8,6 +9,7 @@ import torch
 
 from scan_export import selective_scan_fn
 from scan_export.onnx.export import export
+from scan_export.onnx.targets import SCAN_FORMS
 from scan_export.reference.custom_ops import selective_scan_op
 from scan_export.reference import selective_scan_ref
 from scan_export.reference.regimes import make_scan_inputs
@@ -63,6 +65,7 @@ def exported():
     torch.manual_seed(0)
     module = LinearScanLinear().eval()
     models = {l: export(module, (torch.randn(2, l, 8),), dynamic_shapes=({0: DYN, 1: DYN},)) for l in (8, 512)}
+    models["chunked"] = export(module, (torch.randn(2, 8, 8),), dynamic_shapes=({0: DYN, 1: DYN},), scan_form="chunked")
     return module, models
 
 
@@ -70,14 +73,17 @@ def test_node_count_does_not_depend_on_example_seqlen(exported):
     _, models = exported
     h8, h512 = op_histogram(models[8]), op_histogram(models[512])
     assert h8 == h512
-    assert h8["Loop"] == 1 and h8["CumSum"] >= 1  # one Loop over chunks, cumulative ops inside
-    assert all(o.domain in ("", "ai.onnx") for o in models[8].opset_import)  # custom node lowered away
+    assert h8["Scan"] == 1 and h8["Loop"] == 0  # one Scan over time
+    chunked = op_histogram(models["chunked"])
+    assert chunked["Loop"] == 1 and chunked["CumSum"] >= 1 and chunked["Scan"] == 0  # a Loop over chunks, CumSum inside
+    assert all(o.domain in ("", "ai.onnx") for m in models.values() for o in m.opset_import)  # custom node lowered away
 
 
+@pytest.mark.parametrize("form", [8, "chunked"])
 @pytest.mark.parametrize("batch,seqlen", [(1, 1), (3, 17), (1, 100), (2, 1000)])
-def test_exported_module_runs_at_other_shapes(exported, batch, seqlen):
+def test_exported_module_runs_at_other_shapes(exported, batch, seqlen, form):
     module, models = exported
-    session = make_session(models[8].SerializeToString(), "cpu")
+    session = make_session(models[form].SerializeToString(), "cpu")
     x = torch.randn(batch, seqlen, 8)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
@@ -97,7 +103,8 @@ def test_export_writes_checked_file(tmp_path):
     assert model.ir_version == 10 and model.opset_import[0].version == 21
 
 
-def test_fixed_B_C_and_initial_state_export():
+@pytest.mark.parametrize("form", SCAN_FORMS)
+def test_fixed_B_C_and_initial_state_export(form):
     class Fixed(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -109,9 +116,9 @@ def test_fixed_B_C_and_initial_state_export():
             return selective_scan_fn(u, delta, self.A, self.B, self.C, delta_softplus=True,
                                      return_last_state=True, initial_state=h0)
 
-    m = Fixed()
+    m = Fixed().eval()
     args = (torch.randn(2, 6, 9), torch.randn(2, 6, 9), torch.randn(2, 6, 3))
-    model = export(m, args, dynamic_shapes=({0: DYN, 2: DYN}, {0: DYN, 2: DYN}, {0: DYN}))
+    model = export(m, args, dynamic_shapes=({0: DYN, 2: DYN}, {0: DYN, 2: DYN}, {0: DYN}), scan_form=form)
     s = make_session(model.SerializeToString(), "cpu")
     u, dl, h0 = torch.randn(3, 6, 40), torch.randn(3, 6, 40), torch.randn(3, 6, 3)
     out, state = s.run(None, dict(zip([i.name for i in s.get_inputs()], (u.numpy(), dl.numpy(), h0.numpy()))))

@@ -19,20 +19,23 @@ from scan_export.verify import verify_export  # noqa: E402
 
 from .test_export_module import op_histogram  # noqa: E402
 
-# (model_type, config overrides): Mamba-1, FalconMamba, and Mamba-2 with one and two groups.
-MODELS = [("mamba", {}), ("falcon_mamba", {}), ("mamba2", {"n_groups": 1}), ("mamba2", {"n_groups": 2})]
+# (model_type, config overrides, export options): Mamba-1 in both scan forms, FalconMamba, and
+# Mamba-2 with one and two groups.
+MODELS = [("mamba", {}, {}), ("mamba", {}, {"scan_form": "chunked"}), ("falcon_mamba", {}, {}),
+          ("mamba2", {"n_groups": 1}, {}), ("mamba2", {"n_groups": 2}, {})]
 HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [42]]
 # fp32 export vs transformers fp32: same algebra, different kernels; measured ~6e-7 (README).
 LOGITS_RTOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=MODELS, ids=lambda m: m[0] + "".join(f"-{k}{v}" for k, v in m[1].items()))
+@pytest.fixture(scope="module", params=MODELS,
+                ids=lambda m: m[0] + "".join(f"-{v}" if k == "scan_form" else f"-{k}{v}" for k, v in {**m[1], **m[2]}.items()))
 def exported(request, tmp_path_factory):
-    model_type, overrides = request.param
+    model_type, overrides, options = request.param
     root = tmp_path_factory.mktemp(model_type)
     ckpt = make_tiny_checkpoint(root / "ckpt", model_type, **overrides)
-    out = export_model(ckpt, root / "export")
+    out = export_model(ckpt, root / "export", **options)
     hf = getattr(transformers, HF_CLASSES[model_type]).from_pretrained(str(ckpt)).eval()
     return ckpt, out, hf, ExportedMamba(out)
 
@@ -102,7 +105,7 @@ def test_node_count_does_not_depend_on_export_length(tmp_path):
     b = export_model(ckpt, tmp_path / "b", example_seqlen=96)
     ha, hb = (op_histogram(onnx.load(str(p / "model.onnx"))) for p in (a, b))
     assert ha == hb
-    assert ha["Loop"] == 2  # one Loop over chunks per layer, no per-token unrolling
+    assert ha["Scan"] == 2 and ha["Loop"] == 0  # one Scan over time per layer, no per-token unrolling
     m2 = make_tiny_checkpoint(tmp_path / "m2", "mamba2")
     c = export_model(m2, tmp_path / "c", example_seqlen=4)
     d = export_model(m2, tmp_path / "d", example_seqlen=96)

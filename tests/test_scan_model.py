@@ -7,6 +7,7 @@ import pytest
 
 from scan_export.check import scan_case_inputs
 from scan_export.onnx.scan_model import ScanModelSpec, build_scan_model, read_scan_spec
+from scan_export.onnx.targets import SCAN_FORMS
 from scan_export.reference import selective_scan_ref
 from scan_export.reference.regimes import REGIMES
 from scan_export.runtime import compare_outputs, make_session
@@ -33,19 +34,21 @@ def assert_parity(spec, regime, batch, seqlen, seed=0):
                     {"out": ref_out.numpy(), "last_state": ref_state.numpy()}).check(RTOL)
 
 
+@pytest.mark.parametrize("form", SCAN_FORMS)
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("batch,seqlen", list(itertools.product(BATCHES, SEQLENS)))
-def test_one_model_every_shape(regime, groups, batch, seqlen):
+def test_one_model_every_shape(regime, groups, batch, seqlen, form):
     """One export (dynamic dim/dstate) serves every batch and seqlen, including l = 1 and ragged l."""
-    assert_parity(ScanModelSpec(groups=groups), regime, batch, seqlen, seed=seqlen)
+    assert_parity(ScanModelSpec(groups=groups, scan_form=form), regime, batch, seqlen, seed=seqlen)
 
 
 @pytest.mark.parametrize("with_D,with_z,with_delta_bias,with_initial_state",
                          list(itertools.product([False, True], repeat=4)))
 @pytest.mark.parametrize("regime", REGIMES)
-def test_optional_inputs(with_D, with_z, with_delta_bias, with_initial_state, regime):
-    spec = ScanModelSpec(dim=16, dstate=8, groups=2, with_D=with_D, with_z=with_z,
+@pytest.mark.parametrize("form", SCAN_FORMS)
+def test_optional_inputs(with_D, with_z, with_delta_bias, with_initial_state, regime, form):
+    spec = ScanModelSpec(dim=16, dstate=8, groups=2, with_D=with_D, with_z=with_z, scan_form=form,
                          with_delta_bias=with_delta_bias, with_initial_state=with_initial_state)
     for batch, seqlen in [(1, 33), (3, 65)]:
         assert_parity(spec, regime, batch, seqlen)
@@ -53,7 +56,7 @@ def test_optional_inputs(with_D, with_z, with_delta_bias, with_initial_state, re
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 32, 64])
 def test_other_chunk_sizes(chunk_size):
-    spec = ScanModelSpec(chunk_size=chunk_size, delta_softplus=False)
+    spec = ScanModelSpec(chunk_size=chunk_size, delta_softplus=False, scan_form="chunked")
     for regime in REGIMES:
         assert_parity(spec, regime, 2, 3 * chunk_size + 1)
 
@@ -67,8 +70,9 @@ def test_model_is_pinned_to_the_portable_target():
     assert read_scan_spec(model) == ScanModelSpec(dim=64, dstate=16, groups=2)
 
 
-def test_float64_model_is_exact_to_rounding():
-    spec = ScanModelSpec(dtype="float64")
+@pytest.mark.parametrize("form", SCAN_FORMS)
+def test_float64_model_is_exact_to_rounding(form):
+    spec = ScanModelSpec(dtype="float64", scan_form=form)
     feeds, ref_kw = scan_case_inputs(spec, "heavy", 2, 100)
     out, state = session_for(spec).run(["out", "last_state"], feeds)
     ref_out, ref_state = selective_scan_ref(**ref_kw, return_last_state=True)
@@ -78,11 +82,12 @@ def test_float64_model_is_exact_to_rounding():
 
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("groups,seqlen", [(1, 1), (2, 5), (1, 17), (2, 40)])
-def test_reference_evaluator_agrees(regime, groups, seqlen):
+@pytest.mark.parametrize("form", SCAN_FORMS)
+def test_reference_evaluator_agrees(regime, groups, seqlen, form):
     """A second, independent executor: onnx's pure-numpy ReferenceEvaluator."""
     from onnx.reference import ReferenceEvaluator
 
-    spec = ScanModelSpec(groups=groups, chunk_size=8)
+    spec = ScanModelSpec(groups=groups, chunk_size=8, scan_form=form)
     feeds, ref_kw = scan_case_inputs(spec, regime, 2, seqlen)
     out, state = ReferenceEvaluator(build_scan_model(spec)).run(None, feeds)
     ref_out, ref_state = selective_scan_ref(**ref_kw, return_last_state=True)
@@ -95,3 +100,5 @@ def test_bad_spec_is_refused():
         ScanModelSpec(dim=10, groups=4)
     with pytest.raises(ValueError, match="opset must be >= 18"):
         build_scan_model(ScanModelSpec(), opset=17)
+    with pytest.raises(ValueError, match="scan form must be one of"):
+        build_scan_model(ScanModelSpec(scan_form="parallel"))

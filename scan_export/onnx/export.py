@@ -14,18 +14,21 @@ from .lowering.causal_conv import emit_causal_conv
 from .lowering.selective_scan import SelectiveScanConfig, emit_selective_scan
 from .lowering.ssd import SSDConfig, emit_ssd_scan
 from .ops import ONNX_DOMAIN, SCAN_INPUTS, SSD_INPUTS, onnx_translation_table
-from .targets import DEFAULT_TARGET, MIN_OPSET, resolve_target
+from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, MIN_OPSET, resolve_target
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable") -> onnx.ModelProto:
+def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
+                     scan_form: str = DEFAULT_SCAN_FORM) -> onnx.ModelProto:
     """Replace each scan_export.SelectiveScan / SSDScan node with its lowering, in place.
 
     lowering: "portable" (Loop over chunks; Slice/Mul/Add conv) or "native" (opset 27
-    LinearAttention for SSD scans, CausalConvWithState for convs; Mamba-1 scans stay portable)."""
+    LinearAttention for SSD scans, CausalConvWithState for convs; Mamba-1 scans stay portable).
+    scan_form: how Mamba-1 scans are lowered, "sequential" (a Scan over time) or "chunked"
+    (a Loop over chunks); see lowering/selective_scan.py."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = model.graph
     new_nodes = []
@@ -45,7 +48,7 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable") -> onnx
         elif node.op_type == "SelectiveScan":
             cfg = SelectiveScanConfig(
                 io_dtype=a["io_dtype"], bc_layout=a["bc_layout"].decode() if isinstance(a["bc_layout"], bytes) else a["bc_layout"],
-                delta_softplus=bool(a["delta_softplus"]), chunk_size=a["chunk_size"],
+                delta_softplus=bool(a["delta_softplus"]), chunk_size=a["chunk_size"], form=scan_form,
             )
             gb = GraphBuilder(f"selective_scan_{k}")
             out, last_state = emit_selective_scan(gb, cfg, **dict(zip(SCAN_INPUTS, [i or None for i in node.input])))
@@ -87,11 +90,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, check: bool =
 
 def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_names=None,
            output_names=None, target: str = DEFAULT_TARGET, opset: int | None = None,
-           lowering: str = "portable") -> onnx.ModelProto:
+           lowering: str = "portable", scan_form: str = DEFAULT_SCAN_FORM) -> onnx.ModelProto:
     """torch.onnx.export(dynamo=True) with scan_export's ops lowered, pinned to a target.
 
     lowering applies to Mamba-2 (SSD) scans: "portable" (Loop over chunks, opset >= 18) or
     "native" (ONNX opset 27 LinearAttention; needs a target such as ort-1.32).
+    scan_form applies to Mamba-1 scans: "sequential" (default) or "chunked".
     Returns the ModelProto and, when path is given, writes it there atomically.
     """
     import onnxscript
@@ -106,7 +110,7 @@ def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_n
         # node's outputs and would erase the types the translation set.
         optimize=False,
     )
-    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto, lowering=lowering))
+    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto, lowering=lowering, scan_form=scan_form))
     model.ir_version = tgt.ir_version
     onnx.checker.check_model(model, full_check=True)
     if path is not None:

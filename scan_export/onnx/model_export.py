@@ -4,7 +4,7 @@ The graph serves prefill (any l) and decode (l = 1) alike; the state goes in and
 
   inputs   input_ids: (batch, seqlen) int64
            past.{i}.conv_state: (batch, K−1, conv_dim) model dtype
-           past.{i}.ssm_state: (batch, d_inner, n) float32 (Mamba-1) | (batch, heads, head_dim, n) (Mamba-2)
+           past.{i}.ssm_state: (batch, n, d_inner) float32 (Mamba-1) | (batch, heads, head_dim, n) (Mamba-2)
   outputs  logits: (batch, seqlen, vocab)
            present.{i}.conv_state, present.{i}.ssm_state (same shapes as the inputs)
 
@@ -23,13 +23,16 @@ from pathlib import Path
 import onnx
 
 from ..runtime.generate import DESCRIPTION_FILE, FORMAT  # the contract's names live with its reader
-from .targets import DEFAULT_TARGET, resolve_target
+from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for the graph itself
 DTYPES = {"fp32": "float32", "fp16": "float16"}
+# 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner). Hosts that take state shapes
+# from scan_export.json, as runtime.generate and deploy/ do, read both versions unchanged.
+FORMAT_VERSION = 2
 
 
 def state_names(num_layers: int) -> list[tuple[str, str]]:
@@ -52,11 +55,11 @@ def describe(cfg, dtype: str, target, node_count: int) -> dict:
                            "meaning": "the last K-1 inputs of the depthwise conv, oldest first, channels last"},
             "ssm_state": {"input": f"past.{i}.ssm_state", "output": f"present.{i}.ssm_state",
                           "shape": ["batch", *ssm_shape], "dtype": "float32",
-                          "meaning": "the scan state h: (d_inner, d_state) for Mamba-1, "
+                          "meaning": "the scan state h: (d_state, d_inner) for Mamba-1 (channels last), "
                                      "(heads, head_dim, d_state) for Mamba-2"},
         })
     return {
-        "format": FORMAT, "version": 1, "model_file": MODEL_FILE, "model_type": cfg.model_type,
+        "format": FORMAT, "version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_type": cfg.model_type,
         "dtype": dtype, "ir_version": target.ir_version, "opset": target.opset, "target": target.name,
         "vocab_size": cfg.vocab_size, "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "state_size": cfg.state_size, "conv_kernel": cfg.conv_kernel,
@@ -78,7 +81,7 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
-                 example_seqlen: int = 8, lowering: str = "portable") -> Path:
+                 example_seqlen: int = 8, lowering: str = "portable", scan_form: str = DEFAULT_SCAN_FORM) -> Path:
     """Export a local checkpoint. Writes into a temporary directory next to out_dir and moves it
     into place only when everything (export, checks, description) succeeded."""
     import torch
@@ -88,6 +91,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if scan_form not in SCAN_FORMS:
+        raise ValueError(f"scan_form must be one of {SCAN_FORMS}, got {scan_form!r}")
     tgt = resolve_target(target, opset, lowering=lowering)
     model = load_mamba_lm(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
     cfg = model.cfg
@@ -99,7 +104,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     with torch.no_grad():
         proto = export(
             model, (example_ids, *example_state), dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
-            lowering=lowering,
+            lowering=lowering, scan_form=scan_form,
             input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
         )
     out_dir = Path(out_dir)
@@ -115,6 +120,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
             onnx.save_model(proto, str(path))
         description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
         description["lowering"] = lowering if cfg.model_type == "mamba2" else "portable"
+        if cfg.model_type != "mamba2":
+            description["scan_form"] = scan_form
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
         for name in TOKENIZER_FILES:
             src = Path(checkpoint_dir) / name

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from ..reference.selective_scan import DEFAULT_CHUNK_SIZE
 from .lowering.graph_builder import GraphBuilder, value_info
 from .lowering.selective_scan import SelectiveScanConfig, emit_selective_scan
-from .targets import DEFAULT_TARGET, resolve_target
+from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, resolve_target
 
 SPEC_KEY = "scan_export.scan_spec"
 ELEM_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}
@@ -35,6 +35,7 @@ class ScanModelSpec:
     delta_softplus: bool = True
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dtype: str = "float32"
+    scan_form: str = DEFAULT_SCAN_FORM  # "sequential" | "chunked", see lowering/selective_scan.py
 
     def __post_init__(self):
         if self.groups < 1:
@@ -67,7 +68,7 @@ def build_scan_model(spec: ScanModelSpec = ScanModelSpec(), target: str = DEFAUL
     io = ELEM_TYPES[spec.dtype]
     cfg = SelectiveScanConfig(
         io_dtype=io, bc_layout="variable" if spec.groups == 1 else "grouped",
-        delta_softplus=spec.delta_softplus, chunk_size=spec.chunk_size,
+        delta_softplus=spec.delta_softplus, chunk_size=spec.chunk_size, form=spec.scan_form,
     )
     shapes = spec.input_shapes()
     gb = GraphBuilder("selective_scan")

@@ -29,6 +29,10 @@ TARGETS = {
         Target("ort-1.32", 13, 27, "onnxruntime 1.32: opset 27 LinearAttention / CausalConvWithState (native)"),
     )
 }
+# How Mamba-1 scans are lowered (lowering/selective_scan.py): a Scan over time steps, or a Loop
+# over chunks that is parallel inside each chunk. Both run on every target.
+SCAN_FORMS = ("sequential", "chunked")
+DEFAULT_SCAN_FORM = "sequential"
 # The opset each lowering needs at least.
 LOWERING_MIN_OPSET = {"portable": MIN_OPSET, "native": 27}
 DEFAULT_TARGET = "portable"

@@ -6,7 +6,9 @@ the arithmetic follows transformers' `MambaMixer` slow path step for step.
 
 Glossary: b batch, l seqlen, h hidden_size, d intermediate_size (d_inner), n state_size,
 K conv_kernel, r time_step_rank, V vocab_size.
-Per layer i the state is conv_state_i: (b, K−1, d) and ssm_state_i: (b, d, n) (float32).
+Per layer i the state is conv_state_i: (b, K−1, d) and ssm_state_i: (b, n, d) (float32): both
+channels-last, the layout the exported scan works in, so a decode step spends no transposes on
+them (transformers keeps (b, d, K) and (b, d, n); verify maps between the two).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class MambaLMConfig:
         conv = (self.conv_kernel - 1, self.conv_dim)
         if self.model_type == "mamba2":
             return conv, (self.num_heads, self.head_dim, self.state_size)
-        return conv, (self.intermediate_size, self.state_size)
+        return conv, (self.state_size, self.intermediate_size)
 
 
 def _json_float(v) -> float:
@@ -96,6 +98,13 @@ def _json_float(v) -> float:
     if isinstance(v, dict) and "__float__" in v:
         v = v["__float__"]
     return float(v)
+
+
+def _rms_normalize(x32, eps: float):
+    """x / sqrt(mean(x²) + eps). transformers writes x·rsqrt(·); the division is the same to one
+    rounding, and it is the pattern onnxruntime fuses into one SimplifiedLayerNormalization kernel
+    (seven ops per norm otherwise, which a decode step pays 49 times)."""
+    return x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class RMSNorm(nn.Module):
@@ -108,15 +117,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * _rms_normalize(x.float(), self.eps).to(dtype)
 
 
 def weightless_rms(x, eps: float):
     """FalconMamba's extra norm on Δ, B and C (no weight)."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return _rms_normalize(x.float(), eps).type_as(x)
 
 
 class MambaMixer(nn.Module):
@@ -133,7 +139,7 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.use_bias)
 
     def forward(self, x, conv_state, ssm_state):
-        """x: (b, l, h), conv_state: (b, K−1, d), ssm_state: (b, d, n) -> (y: (b, l, h), conv_state', ssm_state')
+        """x: (b, l, h), conv_state: (b, K−1, d), ssm_state: (b, n, d) -> (y: (b, l, h), conv_state', ssm_state')
 
         Activations stay (b, l, ·) around every linear layer; only the scan sees (b, d, l), and in
         the exported graph those transposes cancel against the lowering's own.
@@ -149,9 +155,9 @@ class MambaMixer(nn.Module):
         y, ssm_state = selective_scan_fn(
             u.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
             C.transpose(1, 2), self.D.float(), z.transpose(1, 2), self.dt_proj.bias.float(), True,
-            return_last_state=True, initial_state=ssm_state,
+            return_last_state=True, initial_state=ssm_state.transpose(1, 2),
         )
-        return self.out_proj(y.transpose(1, 2).to(x.dtype)), conv_state, ssm_state
+        return self.out_proj(y.transpose(1, 2).to(x.dtype)), conv_state, ssm_state.transpose(1, 2)
 
 
 class GatedRMSNorm(nn.Module):
@@ -167,7 +173,7 @@ class GatedRMSNorm(nn.Module):
         y = y.float() * F.silu(gate.float())
         *lead, last = y.shape
         grouped = y.reshape(*lead, last // self.group_size, self.group_size)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        grouped = _rms_normalize(grouped, self.eps)
         return self.weight * grouped.reshape(*lead, last).to(dtype)
 
 
