@@ -7,6 +7,8 @@ import sys
 
 
 def _add_scan(sub):
+    from .onnx.targets import DEFAULT_SCAN_FORM, SCAN_FORMS
+
     p = sub.add_parser("scan", help="write a standalone selective-scan op model")
     p.add_argument("--dim", type=int, default=None, help="channels d (dynamic when left out)")
     p.add_argument("--dstate", type=int, default=None, help="state size n (dynamic when left out)")
@@ -16,7 +18,9 @@ def _add_scan(sub):
     p.add_argument("--no-delta-bias", dest="with_delta_bias", action="store_false")
     p.add_argument("--no-initial-state", dest="with_initial_state", action="store_false")
     p.add_argument("--no-softplus", dest="delta_softplus", action="store_false")
-    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--scan-form", default=DEFAULT_SCAN_FORM, choices=list(SCAN_FORMS),
+                   help="a Scan over time steps (sequential) or a Loop over chunks (chunked)")
+    p.add_argument("--chunk-size", type=int, default=None, help="the chunked form's T")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"])
     p.add_argument("--target", default="portable", help="runtime to target (sets IR version and opset)")
     p.add_argument("--opset", type=int, default=None, help="override the target's opset")
@@ -32,6 +36,7 @@ def scan_spec_from_args(args):
         dim=args.dim, dstate=args.dstate, groups=args.groups, with_D=args.with_D, with_z=args.with_z,
         with_delta_bias=args.with_delta_bias, with_initial_state=args.with_initial_state,
         delta_softplus=args.delta_softplus, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE, dtype=args.dtype,
+        scan_form=args.scan_form,
     )
 
 

@@ -8,19 +8,23 @@ from scan_export.bench import bench_scan
 from scan_export.cli import build_parser, main, scan_spec_from_args
 from scan_export.onnx.scan_model import ScanModelSpec, read_scan_spec
 
+from .test_export_module import op_histogram
+
 
 def test_scan_flags_round_trip(tmp_path):
     out = tmp_path / "scan.onnx"
     argv = ["scan", "--dim", "64", "--dstate", "16", "--groups", "2", "--no-z", "--no-D", "--no-delta-bias",
-            "--no-initial-state", "--no-softplus", "--chunk-size", "8", "--opset", "20", "--out", str(out)]
+            "--no-initial-state", "--no-softplus", "--scan-form", "chunked", "--chunk-size", "8", "--opset", "20",
+            "--out", str(out)]
     assert main(argv) == 0
     model = onnx.load(str(out))
     want = ScanModelSpec(dim=64, dstate=16, groups=2, with_D=False, with_z=False, with_delta_bias=False,
-                         with_initial_state=False, delta_softplus=False, chunk_size=8)
+                         with_initial_state=False, delta_softplus=False, chunk_size=8, scan_form="chunked")
     assert read_scan_spec(model) == want
     assert scan_spec_from_args(build_parser().parse_args(argv)) == want
     assert [i.name for i in model.graph.input] == ["u", "delta", "A", "B", "C"]
     assert model.opset_import[0].version == 20
+    assert op_histogram(model)["Loop"] == 1 and op_histogram(model)["Scan"] == 0  # the chunked form, as asked
     b_shape = [d.dim_value or d.dim_param for d in model.graph.input[3].type.tensor_type.shape.dim]
     assert b_shape == ["batch", 2, 16, "seqlen"]
 
@@ -67,7 +71,7 @@ def test_check_refuses_a_non_scan_model(tmp_path, capsys):
 def test_bench_reports_every_implementation_and_ratio(tmp_path):
     results = bench_scan(shapes=((1, 32, 4, 64),), repeats=1)
     (entry,) = results["shapes"]
-    assert len(entry["median_ms"]) == 4
+    assert len(entry["median_ms"]) == 5
     assert all(v > 0 for v in entry["speedup_vs_mamba_mini"].values())
     json.dumps(results)
 

@@ -82,6 +82,46 @@ def test_prefill_then_decode_equals_one_long_prefill(exported):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(b).max()))
 
 
+def test_logits_to_keep_restricts_the_lm_head_to_the_last_positions(exported):
+    _, _, _, model = exported
+    ids = np.random.default_rng(2).integers(0, model.vocab_size, (2, 9))
+    full, full_state = model.forward(ids, model.zero_state(2))
+    for k, want in [(1, full[:, -1:]), (3, full[:, -3:]), (9, full), (50, full)]:
+        logits, state = model.forward(ids, model.zero_state(2), logits_to_keep=k)
+        assert logits.shape == want.shape
+        # The same rows of the same MatMul; only a GEMM's blocking for fewer rows could differ.
+        np.testing.assert_allclose(logits, want, rtol=0, atol=1e-6 * np.abs(full).max())
+        for a, b in zip(state, full_state):
+            np.testing.assert_array_equal(a, b)  # the layers before the lm_head are untouched
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        model.forward(ids, model.zero_state(2), logits_to_keep=-1)
+
+
+def test_runtime_reads_exports_without_logits_to_keep(exported, tmp_path):
+    """A version-1 export has no logits_to_keep input: the runtime computes every position and slices."""
+    import shutil
+
+    _, out, _, model = exported
+    old = tmp_path / "v1"
+    shutil.copytree(out, old)
+    proto = onnx.load(str(old / "model.onnx"))
+    keep = next(i for i in proto.graph.input if i.name == "logits_to_keep")
+    proto.graph.input.remove(keep)
+    proto.graph.node.insert(0, onnx.helper.make_node(
+        "Constant", [], ["logits_to_keep"], value=onnx.numpy_helper.from_array(np.array(0, np.int64))))
+    onnx.save(proto, str(old / "model.onnx"))
+    desc = json.loads((old / DESCRIPTION_FILE).read_text())
+    desc["version"] = 1
+    desc["inputs"] = [i for i in desc["inputs"] if i["name"] != "logits_to_keep"]
+    (old / DESCRIPTION_FILE).write_text(json.dumps(desc))
+    v1 = ExportedMamba(old)
+    ids = np.random.default_rng(3).integers(0, model.vocab_size, (1, 6))
+    full, _ = model.forward(ids, model.zero_state(1))
+    last, _ = v1.forward(ids, v1.zero_state(1), logits_to_keep=2)
+    np.testing.assert_array_equal(last, full[:, -2:])  # the same graph, sliced after the fact
+    assert generate(v1, PROMPTS, 8) == generate(model, PROMPTS, 8)
+
+
 def test_verify_passes(exported):
     ckpt, out, _, _ = exported
     report = verify_export(out, ckpt, n_tokens=8, n_prompts=1)
@@ -260,6 +300,21 @@ def test_mamba2_native_lowering_export_verifies(tmp_path, capsys):
     assert report.passed, report.format()
     assert main(["export-model", str(ckpt), "--out", str(tmp_path / "x"), "--lowering", "native"]) == 2
     assert "needs opset >= 27" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_export_model_scan_form_flag(tmp_path, capsys):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "chunked"
+    assert main(["export-model", str(ckpt), "--out", str(out), "--scan-form", "chunked"]) == 0
+    assert json.loads((out / DESCRIPTION_FILE).read_text())["scan_form"] == "chunked"
+    ops = op_histogram(onnx.load(str(out / "model.onnx")))
+    assert ops["Loop"] == 2 and ops["Scan"] == 0
+    with pytest.raises(SystemExit):
+        main(["export-model", str(ckpt), "--out", str(tmp_path / "x"), "--scan-form", "parallel"])
+    assert "invalid choice: 'parallel'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="scan_form must be one of"):
+        export_model(ckpt, tmp_path / "y", scan_form="parallel")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("model_type", ["mamba", "mamba2"])

@@ -3,13 +3,20 @@
 //
 // Contract, from OUT_DIR/scan_export.json:
 //   inputs:  input_ids (batch, seqlen) int64, then each state input in `description.inputs` order
-//   outputs: logits (batch, seqlen, vocab), then the state outputs in `description.outputs` order
+//            (the inputs that `description.state` names), and logits_to_keep (int64 scalar, version 2
+//            exports: 0 = logits for every position, k > 0 = the last k)
+//   outputs: logits (batch, logits_len, vocab), then the state outputs in `description.outputs` order
 //   a new sequence starts from all-zero states; after each run, output state i feeds input state i.
 
 const TYPED = { float32: Float32Array };
 
 export function stateInputs(description) {
-  return description.inputs.filter((i) => i.name !== 'input_ids');
+  const names = new Set(description.state.flatMap((s) => [s.conv_state.input, s.ssm_state.input]));
+  return description.inputs.filter((i) => names.has(i.name));
+}
+
+function takesLogitsToKeep(description) {
+  return description.inputs.some((i) => i.name === 'logits_to_keep');
 }
 
 export function stateOutputs(description) {
@@ -60,6 +67,8 @@ export async function generateGreedy(ort, session, description, promptIds, maxNe
   const tokens = [];
   while (tokens.length < maxNewTokens) {
     feeds.input_ids = new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]);
+    // Only the last position's logits are needed: the lm_head skips the others.
+    if (takesLogitsToKeep(description)) feeds.logits_to_keep = new ort.Tensor('int64', BigInt64Array.from([1n]), []);
     const result = await session.run(feeds);
     const next = lastArgmax(result.logits);
     tokens.push(next);

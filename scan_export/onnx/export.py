@@ -25,7 +25,7 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
                      scan_form: str = DEFAULT_SCAN_FORM) -> onnx.ModelProto:
     """Replace each scan_export.SelectiveScan / SSDScan node with its lowering, in place.
 
-    lowering: "portable" (Loop over chunks; Slice/Mul/Add conv) or "native" (opset 27
+    lowering: "portable" (SSD: Loop over chunks; Slice/Mul/Add conv) or "native" (opset 27
     LinearAttention for SSD scans, CausalConvWithState for convs; Mamba-1 scans stay portable).
     scan_form: how Mamba-1 scans are lowered, "sequential" (a Scan over time) or "chunked"
     (a Loop over chunks); see lowering/selective_scan.py."""

@@ -5,7 +5,8 @@ The graph serves prefill (any l) and decode (l = 1) alike; the state goes in and
   inputs   input_ids: (batch, seqlen) int64
            past.{i}.conv_state: (batch, K−1, conv_dim) model dtype
            past.{i}.ssm_state: (batch, n, d_inner) float32 (Mamba-1) | (batch, heads, head_dim, n) (Mamba-2)
-  outputs  logits: (batch, seqlen, vocab)
+           logits_to_keep: () int64: 0 = logits for every position; k > 0 = the last k
+  outputs  logits: (batch, seqlen or min(k, seqlen), vocab)
            present.{i}.conv_state, present.{i}.ssm_state (same shapes as the inputs)
 
 OUT_DIR holds model.onnx (+ model.onnx.data past 2 GB), scan_export.json (the I/O contract that
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import onnx
 
-from ..runtime.generate import DESCRIPTION_FILE, FORMAT  # the contract's names live with its reader
+from ..runtime.generate import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP  # the contract's names live with its reader
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
 MODEL_FILE = "model.onnx"
@@ -30,8 +31,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "generation_config.json")
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for the graph itself
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-# 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner). Hosts that take state shapes
-# from scan_export.json, as runtime.generate and deploy/ do, read both versions unchanged.
+# 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner), and the optional input
+# logits_to_keep appeared. State inputs are the ones `state` names.
 FORMAT_VERSION = 2
 
 
@@ -42,6 +43,39 @@ def state_names(num_layers: int) -> list[tuple[str, str]]:
         for kind in ("conv_state", "ssm_state"):
             names.append((f"past.{i}.{kind}", f"present.{i}.{kind}"))
     return names
+
+
+def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give the graph transformers' logits_to_keep: an int64 scalar input; 0 keeps every position's
+    logits, k > 0 restricts the lm_head to the last k positions.
+
+    Generation needs only the last position's logits after a prefill; computing all of them costs
+    a (l, hidden) x (hidden, vocab) MatMul (15% of a 130m prefill at l = 512) and an (l, vocab)
+    output (100 MB at l = 512). It is a plain required input, not an initializer-backed default:
+    onnxruntime-web 1.30 refuses to feed those ("invalid input")."""
+    from onnx import TensorProto, helper
+
+    from .lowering.graph_builder import INT64_MAX, GraphBuilder
+
+    graph = model.graph
+    lm_head = next(n for n in graph.node if "logits" in n.output)
+    if lm_head.op_type != "MatMul":
+        raise ValueError(f"expected the logits to come from a MatMul, got {lm_head.op_type}")
+    gb = GraphBuilder("logits_to_keep")
+    hidden = lm_head.input[0]  # (b, l, hidden)
+    k = gb.op("Reshape", LOGITS_TO_KEEP, gb.ints(1))
+    l_ = gb.op("Slice", gb.op("Shape", hidden), gb.ints(1), gb.ints(2))
+    last_k = gb.op("Max", gb.op("Sub", l_, k), gb.ints(0))  # k > l keeps all l
+    start = gb.op("Where", gb.op("Greater", k, gb.ints(0)), last_k, gb.ints(0))
+    lm_head.input[0] = gb.op("Slice", hidden, start, gb.ints(INT64_MAX), gb.ints(1))
+    at = list(graph.node).index(lm_head)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + gb.nodes + nodes[at:])
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "logits_len"
+    return model
 
 
 def describe(cfg, dtype: str, target, node_count: int) -> dict:
@@ -66,8 +100,11 @@ def describe(cfg, dtype: str, target, node_count: int) -> dict:
         "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id, "node_count": node_count,
         "inputs": [{"name": "input_ids", "shape": ["batch", "seqlen"], "dtype": "int64"}]
         + [{"name": s[kind]["input"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
-           for s in state for kind in ("conv_state", "ssm_state")],
-        "outputs": [{"name": "logits", "shape": ["batch", "seqlen", cfg.vocab_size], "dtype": dtype}]
+           for s in state for kind in ("conv_state", "ssm_state")]
+        + [{"name": LOGITS_TO_KEEP, "shape": [], "dtype": "int64",
+            "meaning": "0: logits for every position; k > 0: for the last k positions only (generation needs 1)"}],
+        "outputs": [{"name": "logits", "shape": ["batch", "logits_len", cfg.vocab_size], "dtype": dtype,
+                     "meaning": "logits_len = seqlen, or min(logits_to_keep, seqlen) when logits_to_keep > 0"}]
         + [{"name": s[kind]["output"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
            for s in state for kind in ("conv_state", "ssm_state")],
         "state": state,
@@ -107,6 +144,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
             lowering=lowering, scan_form=scan_form,
             input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
         )
+    add_logits_to_keep(proto)
+    onnx.checker.check_model(proto, full_check=True)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

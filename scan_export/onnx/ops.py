@@ -1,5 +1,5 @@
 """ONNX side of the custom ops: the exporter's translation emits one scan_export-domain node, which
-`export.lower_custom_ops` replaces with the Loop graph from lowering/.
+`export.lower_custom_ops` replaces with the graph from lowering/ (a Scan over time or a Loop over chunks).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _register_onnx_schema(op_type: str, inputs, outputs, n_required: int, attrib
               for i, name in enumerate(inputs)]
     outs = [OpSchema.FormalParameter(name, f"T_{name}") for name in outputs]
     schema = OpSchema(
-        op_type, ONNX_DOMAIN, 1, doc=f"scan_export {op_type}; replaced by scan_export.onnx.export with a Loop over chunks.",
+        op_type, ONNX_DOMAIN, 1, doc=f"scan_export {op_type}; replaced by scan_export.onnx.export with its lowering (lowering/).",
         inputs=params, outputs=outs, type_constraints=[(q.type_str, floats, "") for q in params + outs],
         attributes=[OpSchema.Attribute(name, kind, "") for name, kind in attributes.items()],
     )

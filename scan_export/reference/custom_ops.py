@@ -2,7 +2,7 @@
 
 To the exporter, `scan_export::selective_scan` is one opaque node, never the Python loop over
 chunks, so nothing is unrolled and no dimension is specialized. How that node becomes ONNX lives in
-scan_export.onnx (ops.py registers the translation, lowering/ emits the Loop).
+scan_export.onnx (ops.py registers the translation, lowering/ emits the Scan or Loop).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from .session import make_session
 
 FORMAT = "scan_export/mamba-lm"
 DESCRIPTION_FILE = "scan_export.json"
+LOGITS_TO_KEEP = "logits_to_keep"
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -36,8 +37,11 @@ class ExportedMamba:
         self.export_dir = export_dir
         self.vocab_size = int(self.description["vocab_size"])
         self.session = make_session(export_dir / self.description["model_file"], provider, threads=threads)
-        self.state_inputs = [i for i in self.description["inputs"] if i["name"] != "input_ids"]
+        state_names = {s[kind]["input"] for s in self.description["state"] for kind in ("conv_state", "ssm_state")}
+        self.state_inputs = [i for i in self.description["inputs"] if i["name"] in state_names]
         self.state_outputs = [o["name"] for o in self.description["outputs"] if o["name"] != "logits"]
+        # Exports before format version 2 have no logits_to_keep input; forward() slices instead.
+        self.takes_logits_to_keep = any(i["name"] == LOGITS_TO_KEEP for i in self.description["inputs"])
 
     def zero_state(self, batch: int) -> list[np.ndarray]:
         """The state a new sequence starts from: zeros, in the graph's input order."""
@@ -55,11 +59,20 @@ class ExportedMamba:
             raise ValueError(f"input_ids must lie in [0, {self.vocab_size}) (vocab_size), got token id {bad}")
         return ids.astype(np.int64)
 
-    def forward(self, input_ids, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """input_ids: (b, l) -> logits: (b, l, V) float32, and the state after the last position."""
+    def forward(self, input_ids, state: list[np.ndarray], logits_to_keep: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        """input_ids: (b, l) -> logits: (b, l, V) float32, and the state after the last position.
+
+        logits_to_keep: 0 for every position's logits, k > 0 for the last k only (transformers'
+        convention); a prefill for generation needs 1, and skips most of the lm_head."""
         ids = self.check_ids(input_ids)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
         feeds = {"input_ids": ids, **{s["name"]: v for s, v in zip(self.state_inputs, state)}}
+        if self.takes_logits_to_keep:
+            feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
         logits, *new_state = self.session.run(["logits", *self.state_outputs], feeds)
+        if logits_to_keep and not self.takes_logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
         return logits.astype(np.float32, copy=False), new_state
 
 
@@ -111,7 +124,7 @@ def prefill(model: ExportedMamba, prompts: list[list[int]]) -> tuple[np.ndarray,
     last_logits = np.zeros((len(prompts), model.vocab_size), np.float32)
     state = None
     for length, rows in groups.items():
-        logits, group_state = model.forward(np.array([prompts[r] for r in rows]), model.zero_state(len(rows)))
+        logits, group_state = model.forward(np.array([prompts[r] for r in rows]), model.zero_state(len(rows)), logits_to_keep=1)
         last_logits[rows] = logits[:, -1]
         if state is None:
             state = [np.zeros((len(prompts), *s.shape[1:]), s.dtype) for s in group_state]
