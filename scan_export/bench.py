@@ -199,7 +199,7 @@ def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens:
             hf_prefill_all, ort_prefill_all = prefill["transformers all"], prefill["onnxruntime all"]
             with torch.inference_mode():
                 hf_step_times()  # warm-up
-            ort_step_times()
+            ort_step_times()  # warm-up
             hf_steps, ort_steps = [], []
             for _ in range(repeats):
                 with torch.inference_mode():

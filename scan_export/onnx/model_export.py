@@ -31,8 +31,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "generation_config.json")
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for the graph itself
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-# 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner), and the optional input
-# logits_to_keep appeared. State inputs are the ones `state` names.
+# 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner), and the input logits_to_keep
+# appeared. State inputs are the ones `state` names.
 FORMAT_VERSION = 2
 
 
@@ -68,8 +68,8 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     last_k = gb.op("Max", gb.op("Sub", l_, k), gb.ints(0))  # k > l keeps all l
     start = gb.op("Where", gb.op("Greater", k, gb.ints(0)), last_k, gb.ints(0))
     lm_head.input[0] = gb.op("Slice", hidden, start, gb.ints(INT64_MAX), gb.ints(1))
-    at = list(graph.node).index(lm_head)
     nodes = list(graph.node)
+    at = nodes.index(lm_head)
     del graph.node[:]
     graph.node.extend(nodes[:at] + gb.nodes + nodes[at:])
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))

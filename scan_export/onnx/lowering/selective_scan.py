@@ -4,9 +4,9 @@ Glossary: b batch, d channels, l seqlen, n dstate, g groups of B/C, hd = d // g,
 nc = ceil(l / T) chunks, lp = nc·T padded length.
 
 "sequential" (the default): one Scan over time, h = exp(Δ_t·A)·h + Δ_t·u_t·B_t, y_t = C_t·h,
-  six small ops per step on (b, g, n, hd). Every operand of a step stays in cache, so on CPU it
-  beats the chunked form by ~4x (docs/derivation.md has the numbers); it is exact, like the
-  float32 reference, for any decay, and l == 1 is simply one step.
+  seven small ops per step on (b, g, n, hd). Every operand of a step stays in cache, so on CPU it
+  beats the chunked form by 1.2–2.7x (docs/derivation.md §8 has the numbers); it is exact, like
+  the float32 reference, for any decay, and l == 1 is simply one step.
 
 "chunked" (mirrors reference.selective_scan_chunked): parallel inside each chunk, for runtimes
   where a step costs a kernel launch.
