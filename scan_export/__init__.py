@@ -1,4 +1,5 @@
-"""scan_export: Mamba-family selective scans and models, exported to ONNX as Loops over chunks.
+"""scan_export: Mamba-family selective scans and models, exported to ONNX with the time loop kept a
+loop (an ONNX Scan over time steps by default, or a Loop over chunks with `scan_form="chunked"`).
 
 Data flows one way: reference (eager torch, the truth) -> onnx (export) -> runtime (onnxruntime,
 no torch). `import scan_export` is light; the drop-in ops load torch on first use.

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .errors import ScanExportError
+
 SCAN_SHAPES = ((1, 1536, 16, 2048), (4, 768, 16, 512))  # (batch, dim, dstate, seqlen)
 BASELINE = "eager mamba-mini chunked (T=64)"
 
@@ -139,14 +141,14 @@ def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens:
     from .runtime.generate import ExportedMamba
 
     if model_type not in HF_CLASS:
-        raise ValueError(f"model_type must be one of {sorted(HF_CLASS)}, got {model_type!r}")
+        raise ScanExportError(f"model_type must be one of {sorted(HF_CLASS)}, got {model_type!r}")
     results = {"model_type": model_type, "prefill_len": prefill_len, "decode_tokens": decode_tokens, "torch_threads": torch.get_num_threads(),
                "bandwidth_gbs": measure_bandwidth_gbs(), "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir or tmp)
         for name in configs:
             if (model_type, name) not in MODEL_CONFIGS:
-                raise ValueError(f"configs must be from {sorted({c for _, c in MODEL_CONFIGS})}, got {name!r}")
+                raise ScanExportError(f"configs must be from {sorted({c for _, c in MODEL_CONFIGS})}, got {name!r}")
             params = getattr(tiny, MODEL_CONFIGS[model_type, name])
             ckpt = tiny.make_tiny_checkpoint(root / f"{name}-ckpt", model_type, sharpen=False, **params)
             export_dir = export_model(ckpt, root / f"{name}-export")

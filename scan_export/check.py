@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from .errors import ScanExportError
 from .onnx.scan_model import ScanModelSpec, read_scan_spec
 from .reference import selective_scan_ref
 from .reference.regimes import REGIMES, make_scan_inputs
@@ -50,7 +51,13 @@ def scan_case_inputs(spec: ScanModelSpec, regime: str, batch: int, seqlen: int, 
 
 def check_scan_model(path, provider: str = "cpu", cases=DEFAULT_CASES, regimes=REGIMES,
                      rtol: float = DEFAULT_RTOL, seed: int = 0) -> list[CheckRow]:
-    spec = read_scan_spec(onnx.load(str(path), load_external_data=False))
+    if not Path(path).is_file():
+        raise ScanExportError(f"{path}: no such file; expected an op model written by `scan-export scan`")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends: not an ONNX file
+        raise ScanExportError(f"{path}: expected an ONNX model, could not parse it ({type(e).__name__})") from None
+    spec = read_scan_spec(model)
     session = make_session(Path(path), provider)
     rows = []
     for regime in regimes:

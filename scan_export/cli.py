@@ -1,30 +1,97 @@
-"""`scan-export`: each subcommand maps its flags onto one library function."""
+"""`scan-export`: each subcommand maps its flags onto one library function.
+
+Every user mistake ends as one line, `scan-export: error: <what>`, and exit code 2: argparse's own
+complaints, our ScanExportError, and flags given without the flag they depend on. A traceback means a
+bug (or `--debug`). Ctrl-C exits 130, SIGTERM 143, SIGHUP 129, after cleaning up what was staged.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+
+from .errors import ScanExportError
+
+PROG = "scan-export"
+# reference.DEFAULT_CHUNK_SIZE, written out: building the parser must not import torch (generate runs
+# without it); tests/test_cli.py checks the two agree.
+SCAN_CHUNK_SIZE = 16
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a ScanExportError (one line, exit 2) rather than a
+    usage dump; `--help` still prints the full usage."""
+
+    def error(self, message):
+        sub = self.prog.removeprefix(PROG).strip()
+        raise ScanExportError(f"{sub + ': ' if sub else ''}{message} (see {self.prog} --help)")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = True, high_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        lo_ok = value > low if low_open else value >= low
+        hi_ok = value < high if high_open else value <= high
+        if not (math.isfinite(value) and lo_ok and hi_ok):
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonneg_int = _int_at_least(0)
+
+
+def require_flag(args, needs: str, flags: dict) -> None:
+    """Refuse flags that only mean something with `needs`: flags = {dest: '--flag'}, given when not None."""
+    given = [flag for dest, flag in flags.items() if getattr(args, dest) is not None]
+    if given:
+        raise ScanExportError(f"{args.command}: {', '.join(given)} only apply with {needs}, which was not given")
 
 
 def _add_scan(sub):
-    from .onnx.targets import DEFAULT_SCAN_FORM, SCAN_FORMS
+    from .onnx.targets import DEFAULT_SCAN_FORM, SCAN_FORMS, TARGETS
 
     p = sub.add_parser("scan", help="write a standalone selective-scan op model")
-    p.add_argument("--dim", type=int, default=None, help="channels d (dynamic when left out)")
-    p.add_argument("--dstate", type=int, default=None, help="state size n (dynamic when left out)")
-    p.add_argument("--groups", type=int, default=1, help="groups of B/C; 1 gives B, C: (batch, dstate, seqlen)")
+    p.add_argument("--dim", type=positive_int, default=None, help="channels d (dynamic when left out)")
+    p.add_argument("--dstate", type=positive_int, default=None, help="state size n (dynamic when left out)")
+    p.add_argument("--groups", type=positive_int, default=1, help="groups of B/C; 1 gives B, C: (batch, dstate, seqlen)")
     p.add_argument("--no-D", dest="with_D", action="store_false", help="leave out the D skip input")
     p.add_argument("--no-z", dest="with_z", action="store_false", help="leave out the z gate input")
-    p.add_argument("--no-delta-bias", dest="with_delta_bias", action="store_false")
-    p.add_argument("--no-initial-state", dest="with_initial_state", action="store_false")
-    p.add_argument("--no-softplus", dest="delta_softplus", action="store_false")
+    p.add_argument("--no-delta-bias", dest="with_delta_bias", action="store_false", help="leave out the delta_bias input")
+    p.add_argument("--no-initial-state", dest="with_initial_state", action="store_false",
+                   help="leave out the initial_state input")
+    p.add_argument("--no-softplus", dest="delta_softplus", action="store_false", help="use delta as given, no softplus")
     p.add_argument("--scan-form", default=DEFAULT_SCAN_FORM, choices=list(SCAN_FORMS),
                    help="a Scan over time steps (sequential) or a Loop over chunks (chunked)")
-    p.add_argument("--chunk-size", type=int, default=None, help="the chunked form's T")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"])
-    p.add_argument("--target", default="portable", help="runtime to target (sets IR version and opset)")
-    p.add_argument("--opset", type=int, default=None, help="override the target's opset")
-    p.add_argument("--out", required=True)
+    p.add_argument("--chunk-size", type=positive_int, default=None,
+                   help=f"the chunked form's T; only with --scan-form chunked (default when chunked: {SCAN_CHUNK_SIZE})")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"], help="I/O dtype")
+    p.add_argument("--target", default="portable", choices=sorted(TARGETS), help="runtime to target (sets IR version and opset)")
+    p.add_argument("--opset", type=_int_at_least(1), default=None, help="override the target's opset")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out even if scan-export did not write it")
     p.set_defaults(func=cmd_scan)
 
 
@@ -32,6 +99,9 @@ def scan_spec_from_args(args):
     from .onnx.scan_model import ScanModelSpec
     from .reference import DEFAULT_CHUNK_SIZE
 
+    if args.chunk_size is not None and args.scan_form != "chunked":
+        raise ScanExportError(f"scan: --chunk-size only applies with --scan-form chunked, "
+                              f"got --scan-form {args.scan_form}")
     return ScanModelSpec(
         dim=args.dim, dstate=args.dstate, groups=args.groups, with_D=args.with_D, with_z=args.with_z,
         with_delta_bias=args.with_delta_bias, with_initial_state=args.with_initial_state,
@@ -41,12 +111,14 @@ def scan_spec_from_args(args):
 
 
 def cmd_scan(args):
-    from .onnx.export import save_model
+    from .onnx.export import save_model, written_by_us
+    from .onnx.output_dir import check_output_file
     from .onnx.scan_model import build_scan_model
 
     spec = scan_spec_from_args(args)
+    check_output_file(args.out, force=args.force, ours=written_by_us)  # before any work; save_model checks again
     model = build_scan_model(spec, target=args.target, opset=args.opset)
-    path = save_model(model, args.out)
+    path = save_model(model, args.out, force=args.force)
     print(f"wrote {path}: {len(model.graph.node)} top-level nodes, IR {model.ir_version}, "
           f"opset {model.opset_import[0].version}, inputs {[i.name for i in model.graph.input]}")
     return 0
@@ -54,9 +126,9 @@ def cmd_scan(args):
 
 def _add_check(sub):
     p = sub.add_parser("check", help="run an op model against the float64 sequential reference")
-    p.add_argument("model")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--rtol", type=float, default=None)
+    p.add_argument("model", help="an op model written by `scan-export scan`")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    p.add_argument("--rtol", type=float, default=None, help="relative error bar (default: 1e-5)")
     p.set_defaults(func=cmd_check)
 
 
@@ -71,52 +143,88 @@ def cmd_check(args):
 
 def _add_bench(sub):
     p = sub.add_parser("bench", help="time the scan implementations side by side")
-    p.add_argument("--regime", default="init", choices=["easy", "init", "heavy"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--json", dest="json_path", default=None, help="also write the results here")
     p.add_argument("--model", action="store_true", help="whole-model prefill/decode vs transformers instead of the scan")
     p.add_argument("--ssd", action="store_true", help="the Mamba-2 SSD scan instead of the Mamba-1 scan")
-    p.add_argument("--configs", default="tiny,130m", help="with --model: comma-separated, from tiny,130m")
-    p.add_argument("--model-type", default="mamba", choices=["mamba", "mamba2"], help="with --model")
-    p.add_argument("--prefill-len", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--regime", default=None, choices=["easy", "init", "heavy"],
+                   help="scan and --ssd only: the input regime (default: init)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per contender (default: 5; 3 with --model)")
+    p.add_argument("--chunk-size", type=positive_int, default=None,
+                   help="scan only: the chunked form's T (default: 16)")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the results here (a new file, or one bench wrote)")
+    p.add_argument("--configs", default=None, help="with --model: comma-separated, from tiny,130m (default: tiny,130m)")
+    p.add_argument("--model-type", default=None, choices=["mamba", "mamba2"], help="with --model (default: mamba)")
+    p.add_argument("--prefill-len", type=positive_int, default=None, help="with --model: prompt tokens (default: 512)")
+    p.add_argument("--decode-tokens", type=positive_int, default=None,
+                   help="with --model: decode steps timed (default: 32)")
     p.set_defaults(func=cmd_bench)
+
+
+def _bench_json_is_ours(path) -> bool:
+    import json
+    from pathlib import Path
+
+    try:
+        return isinstance(d := json.loads(Path(path).read_text()), dict) and d.get("written_by") == PROG
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def cmd_bench(args):
     from .bench import (bench_model, bench_scan, bench_ssd, format_model_bench, format_scan_bench, format_ssd_bench,
                         write_json)
+    from .onnx.output_dir import check_output_file
 
+    if args.model and args.ssd:
+        raise ScanExportError("bench: --model and --ssd each choose what to time; give one of them")
+    model_only = {"configs": "--configs", "model_type": "--model-type", "prefill_len": "--prefill-len",
+                  "decode_tokens": "--decode-tokens"}
+    if not args.model:
+        require_flag(args, "--model", model_only)
+    if args.model:
+        require_flag(args, "the scan benches (no --model)", {"regime": "--regime", "chunk_size": "--chunk-size"})
     if args.ssd:
-        results = bench_ssd(regime=args.regime, repeats=args.repeats)
+        require_flag(args, "the Mamba-1 scan bench (no --ssd)", {"chunk_size": "--chunk-size"})
+    if args.json_path is not None:
+        check_output_file(args.json_path, ours=_bench_json_is_ours, what="--json")
+    if args.ssd:
+        results = bench_ssd(regime=args.regime or "init", repeats=args.repeats or 5)
         print(format_ssd_bench(results))
     elif args.model:
-        results = bench_model(configs=tuple(c for c in args.configs.split(",") if c), prefill_len=args.prefill_len,
-                              decode_tokens=args.decode_tokens, repeats=args.repeats, model_type=args.model_type)
+        configs = tuple(c.strip() for c in (args.configs or "tiny,130m").split(",") if c.strip())
+        if not configs:
+            raise ScanExportError(f"bench: --configs expected names from tiny,130m, got {args.configs!r}")
+        results = bench_model(configs=configs, prefill_len=args.prefill_len or 512,
+                              decode_tokens=args.decode_tokens or 32, repeats=args.repeats or 3,
+                              model_type=args.model_type or "mamba")
         print(format_model_bench(results))
     else:
-        results = bench_scan(regime=args.regime, repeats=args.repeats, chunk_size=args.chunk_size)
+        results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size)
         print(format_scan_bench(results))
     if args.json_path:
-        write_json(results, args.json_path)
+        write_json({"written_by": PROG, **results}, args.json_path)
     return 0
 
 
 def _add_export_model(sub):
-    from .onnx.targets import DEFAULT_SCAN_FORM, SCAN_FORMS
+    from .onnx.targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, TARGETS
 
     p = sub.add_parser("export-model", help="export a local HF Mamba/FalconMamba/Mamba2 checkpoint to ONNX with state I/O")
-    p.add_argument("checkpoint_dir")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically on success)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--target", default="portable", help="runtime to target: portable, ort-1.18, node-1.30, web-1.30, ort-1.32")
-    p.add_argument("--opset", type=int, default=None)
-    p.add_argument("--lowering", default="portable", choices=["portable", "native"],
-                   help="Mamba-2 scan: portable Loop (opset 21) or native LinearAttention (opset 27, --target ort-1.32)")
-    p.add_argument("--scan-form", default=DEFAULT_SCAN_FORM, choices=list(SCAN_FORMS),
-                   help="Mamba-1 scan: a Scan over time steps (sequential; fastest on CPU) or a Loop over chunks "
-                        "(chunked; parallel within a chunk)")
+    p.add_argument("checkpoint_dir", help="a local Hugging Face checkpoint directory (config.json + weights)")
+    p.add_argument("--out", required=True,
+                   help="output directory: new, empty, or a previous export (then only its files are replaced)")
+    p.add_argument("--force", action="store_true",
+                   help="also write into a non-empty directory that holds no export; only scan-export's own file "
+                        "names are replaced, nothing else is touched")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and activations")
+    p.add_argument("--target", default=DEFAULT_TARGET, choices=sorted(TARGETS),
+                   help="runtime to target (sets IR version and opset)")
+    p.add_argument("--opset", type=_int_at_least(1), default=None, help="override the target's opset")
+    p.add_argument("--lowering", default=None, choices=["portable", "native"],
+                   help="Mamba-2 only: portable Loop (opset 21) or native LinearAttention (opset 27, --target "
+                        "ort-1.32) (default: portable)")
+    p.add_argument("--scan-form", default=None, choices=list(SCAN_FORMS),
+                   help="Mamba-1 only: a Scan over time steps (sequential; fastest on CPU) or a Loop over chunks "
+                        f"(chunked; parallel within a chunk) (default: {DEFAULT_SCAN_FORM})")
     p.set_defaults(func=cmd_export_model)
 
 
@@ -126,7 +234,7 @@ def cmd_export_model(args):
     from .onnx.model_export import DESCRIPTION_FILE, export_model
 
     out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
-                       lowering=args.lowering, scan_form=args.scan_form)
+                       lowering=args.lowering, scan_form=args.scan_form, force=args.force)
     d = json.loads((out / DESCRIPTION_FILE).read_text())
     print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}, "
           f"IR {d['ir_version']}, opset {d['opset']}, {d['node_count']} nodes")
@@ -135,28 +243,48 @@ def cmd_export_model(args):
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate from an export directory with onnxruntime (no torch)")
-    p.add_argument("export_dir")
+    p.add_argument("export_dir", help="a directory written by export-model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text, tokenized with the export's tokenizer.json")
     src.add_argument("--input-ids", help="comma-separated token ids, e.g. 5,6,7")
-    p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop-token-id", type=int, default=None, help="defaults to the model's eos_token_id")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", action="store_true", help='print {"tokens": [...], "text": ...} at the end')
+    p.add_argument("--max-new-tokens", type=nonneg_int, required=True, help="tokens to generate at most")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=_float_in(0, math.inf, high_open=True), default=None,
+                   help="with --do-sample: divide the logits by this (default: 1.0)")
+    p.add_argument("--top-k", type=nonneg_int, default=None, help="with --do-sample: keep the k best tokens, 0 = all (default: 0)")
+    p.add_argument("--top-p", type=_float_in(0, 1), default=None, help="with --do-sample: nucleus mass in (0, 1] (default: 1.0)")
+    p.add_argument("--seed", type=nonneg_int, default=None, help="with --do-sample: random seed (default: fresh entropy)")
+    p.add_argument("--stop-token-id", type=nonneg_int, default=None, help="stop after this token (default: the model's eos_token_id)")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider; never falls back")
+    p.add_argument("--json", action="store_true", help='print {"tokens": [...], "text": ...} at the end instead of streaming')
     p.set_defaults(func=cmd_generate)
 
 
 def generate_options(args) -> dict:
     from .runtime.generate import Sampling
 
-    sampling = Sampling(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed)
+    if not args.do_sample:
+        require_flag(args, "--do-sample", {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                                           "seed": "--seed"})
+    sampling = Sampling(do_sample=args.do_sample, temperature=1.0 if args.temperature is None else args.temperature,
+                        top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed)
     return {"sampling": sampling, "stop_token_id": args.stop_token_id}
+
+
+def parse_input_ids(text: str, vocab_size: int) -> list[int]:
+    """'5,6,7' -> [5, 6, 7], each in [0, vocab_size); one line naming --input-ids otherwise."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise ScanExportError(f"--input-ids: expected comma-separated token ids such as 5,6,7, got {text!r}")
+    ids = []
+    for t in parts:
+        try:
+            ids.append(int(t))
+        except ValueError:
+            raise ScanExportError(f"--input-ids: expected comma-separated integers, got {t!r} in {text!r}") from None
+        if not 0 <= ids[-1] < vocab_size:
+            raise ScanExportError(f"--input-ids: expected token ids in [0, {vocab_size}) (the export's vocab_size), got {t}")
+    return ids
 
 
 def cmd_generate(args):
@@ -170,11 +298,11 @@ def cmd_generate(args):
     if args.prompt is not None:
         ids = tokenizer.encode(args.prompt).ids
     else:
-        try:
-            ids = [int(t) for t in args.input_ids.split(",") if t.strip()]
-        except ValueError:
-            raise ValueError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+        ids = parse_input_ids(args.input_ids, model.vocab_size)
     opts = generate_options(args)
+    if opts["stop_token_id"] is not None and opts["stop_token_id"] >= model.vocab_size:
+        raise ScanExportError(f"--stop-token-id: expected a token id in [0, {model.vocab_size}) (the export's "
+                              f"vocab_size), got {opts['stop_token_id']}")
     if opts["stop_token_id"] is None:
         opts["stop_token_id"] = model.description.get("eos_token_id")
 
@@ -193,10 +321,10 @@ def cmd_generate(args):
 
 def _add_verify(sub):
     p = sub.add_parser("verify", help="compare an export with transformers on its checkpoint")
-    p.add_argument("export_dir")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("export_dir", help="a directory written by export-model")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint directory it was exported from")
+    p.add_argument("--tokens", type=positive_int, default=32, help="greedy tokens compared per prompt")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
     p.set_defaults(func=cmd_verify)
 
 
@@ -210,9 +338,11 @@ def cmd_verify(args):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="tiny Mamba: checkpoint -> export -> onnxruntime generate -> verify")
-    p.add_argument("--model-type", default="mamba", choices=["mamba", "falcon_mamba", "mamba2"])
-    p.add_argument("--workdir", default=None, help="keep the checkpoint and export here (default: a temp dir)")
-    p.add_argument("--tokens", type=int, default=20)
+    p.add_argument("--model-type", default="mamba", choices=["mamba", "falcon_mamba", "mamba2"], help="which family")
+    p.add_argument("--workdir", default=None,
+                   help="keep the checkpoint and export here: a new or empty directory, or an earlier demo's "
+                        "(default: a temporary directory, removed afterwards)")
+    p.add_argument("--tokens", type=positive_int, default=20, help="greedy tokens to generate")
     p.set_defaults(func=cmd_demo)
 
 
@@ -223,20 +353,71 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scan-export", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0].strip("`").replace("`", ""),
+                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback for every error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_scan, _add_check, _add_bench, _add_export_model, _add_generate, _add_verify, _add_demo):
-        add(sub)
+        add(_Subparsers(sub))
     return parser
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default: stated by hand where None/False would say nothing
+    useful ("default: the model's eos_token_id"), appended here otherwise."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return f"{text} (default: {action.default})"
+
+
+class _Subparsers:
+    """add_parser with the default-showing formatter on every subcommand."""
+
+    def __init__(self, sub):
+        self._sub = sub
+
+    def add_parser(self, name, **kw):
+        kw.setdefault("formatter_class", _HelpFormatter)
+        kw.setdefault("description", kw.get("help"))
+        return self._sub.add_parser(name, **kw)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split()) or "(no message)"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except ValueError as e:
-        print(f"scan-export {args.command}: error: {e}", file=sys.stderr)
+    except ScanExportError as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # --help, --version, or SIGTERM/SIGHUP raised by output_dir.signals_raise
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if code > 128:
+            print(f"{PROG}: terminated by signal {code - 128}; nothing was left behind", file=sys.stderr)
+        return code
+    except BrokenPipeError:  # `scan-export ... | head`: the reader left, which is no error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

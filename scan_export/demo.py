@@ -12,6 +12,27 @@ import time
 from pathlib import Path
 
 
+DEMO_ENTRIES = {"checkpoint", "export"}
+
+
+def check_workdir(workdir) -> None:
+    """The demo writes workdir/checkpoint and workdir/export: refuse a workdir holding anything
+    else, so that no file of the user's is ever overwritten (an earlier demo's workdir is fine)."""
+    from .errors import ScanExportError
+    from .onnx.output_dir import previous_export_files
+
+    root = Path(workdir)
+    if root.exists() and not root.is_dir():
+        raise ScanExportError(f"--workdir {str(workdir)!r} is a file, expected a new, empty, or earlier demo's directory")
+    if not root.is_dir():
+        return
+    entries = {p.name for p in root.iterdir()}
+    earlier = entries <= DEMO_ENTRIES and (not (root / "export").exists() or previous_export_files(root / "export") is not None)
+    if entries and not earlier:
+        raise ScanExportError(f"--workdir {str(workdir)!r} holds files the demo did not write "
+                              f"({', '.join(sorted(entries)[:3])}); expected a new, empty, or earlier demo's directory")
+
+
 def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=None) -> bool:
     from .onnx.model_export import export_model
     from .runtime.generate import ExportedMamba, generate
@@ -19,6 +40,8 @@ def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=No
     from .verify import verify_export
 
     out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
+    if workdir is not None:
+        check_workdir(workdir)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import ScanExportError
+
 TINY = dict(vocab_size=256, hidden_size=64, state_size=16, num_hidden_layers=2, conv_kernel=4, expand=2)
 # Shaped like state-spaces/mamba-130m-hf, with random weights (for benchmarks only).
 MAMBA_130M = dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, conv_kernel=4, expand=2)
@@ -36,7 +38,7 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         "mamba2": (tf.Mamba2Config, tf.Mamba2ForCausalLM),
     }
     if model_type not in classes:
-        raise ValueError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
+        raise ScanExportError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
     config_cls, model_cls = classes[model_type]
     torch.manual_seed(seed)
     params = {**TINY, **overrides}

@@ -81,3 +81,32 @@ def test_ssd_bench_reports_every_implementation(tmp_path):
 
     results = bench_ssd(shape=(1, 2, 4, 8, 40), repeats=1)
     assert len(results["median_ms"]) == 4 and "SSD scan" in format_ssd_bench(results)
+
+
+def test_every_flag_has_help_with_its_default():
+    """`scan-export X --help` documents every flag; a flag with a meaningful default shows it."""
+    import argparse
+
+    from scan_export.cli import SCAN_CHUNK_SIZE
+    from scan_export.reference import DEFAULT_CHUNK_SIZE
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"scan", "check", "bench", "export-model", "generate", "verify", "demo"}
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            if action.default not in (None, False) and not action.required:
+                assert "default" in p._get_formatter()._get_help_string(action), (name, action.dest)
+        assert "(default:" in text or name == "check"
+    assert SCAN_CHUNK_SIZE == DEFAULT_CHUNK_SIZE
+
+
+def test_version(capsys):
+    from scan_export import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"scan-export {__version__}"

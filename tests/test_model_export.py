@@ -221,7 +221,7 @@ def test_bad_checkpoints_give_clear_errors_and_no_partial_output(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"model_type must be one of \['mamba', 'falcon_mamba', 'mamba2'\], got 'llama'"):
+    with pytest.raises(ValueError, match=r"field 'model_type': expected one of \['mamba', 'falcon_mamba', 'mamba2'\], got 'llama'"):
         export_model(bad, out)
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
     for f in ckpt.glob("*.safetensors"):
@@ -264,13 +264,20 @@ def test_pytorch_model_bin_and_external_data(tmp_path):
     assert np.abs(model.forward(ids, model.zero_state(1))[0] - ref).max() / np.abs(ref).max() < LOGITS_RTOL
 
 
-def test_export_replaces_an_existing_directory_atomically(tmp_path):
+def test_export_replaces_a_previous_export_but_never_foreign_files(tmp_path):
+    """A folder of the user's is refused untouched; a previous export is replaced (the rules in
+    detail: tests/test_output_safety.py)."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    with pytest.raises(ValueError, match="not empty and holds no previous export"):
+        export_model(ckpt, out)
+    assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    (out / "stale.txt").unlink()
     export_model(ckpt, out)
-    assert not (out / "stale.txt").exists() and (out / DESCRIPTION_FILE).exists()
+    export_model(ckpt, out, dtype="fp16")
+    assert json.loads((out / DESCRIPTION_FILE).read_text())["dtype"] == "float16"
     assert _no_leftovers(tmp_path) == []
 
 
@@ -309,10 +316,9 @@ def test_export_model_scan_form_flag(tmp_path, capsys):
     assert json.loads((out / DESCRIPTION_FILE).read_text())["scan_form"] == "chunked"
     ops = op_histogram(onnx.load(str(out / "model.onnx")))
     assert ops["Loop"] == 2 and ops["Scan"] == 0
-    with pytest.raises(SystemExit):
-        main(["export-model", str(ckpt), "--out", str(tmp_path / "x"), "--scan-form", "parallel"])
+    assert main(["export-model", str(ckpt), "--out", str(tmp_path / "x"), "--scan-form", "parallel"]) == 2
     assert "invalid choice: 'parallel'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="scan_form must be one of"):
+    with pytest.raises(ValueError, match="scan_form: expected one of"):
         export_model(ckpt, tmp_path / "y", scan_form="parallel")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 

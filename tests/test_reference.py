@@ -63,7 +63,7 @@ def test_reference_float32_inputs_compute_in_float32_and_cast_back():
     out, state = selective_scan_ref(**kw, return_last_state=True)
     assert out.dtype == torch.float16 and state.dtype == torch.float32
     ref = selective_scan_ref(**to64(kw))
-    # fp16 output: the final cast dominates (NUMERICS.md: ~4e-4 for fp16).
+    # fp16 output: the final cast dominates (docs/numerics.md: ~4e-4 for fp16).
     assert rel_err(out, ref) < 2e-3
 
 
@@ -132,7 +132,7 @@ def test_plain_form_alone_overflows_where_the_gate_switches():
 
 
 def test_mamba_mini_baseline_returns_nan_in_heavy_regime():
-    """The published form's failure (NUMERICS.md), kept as a witness; our scan is finite on the same input."""
+    """The published form's failure (docs/numerics.md), kept as a witness; our scan is finite on the same input."""
     kw = make_scan_inputs("heavy", 1, 16, 16, 128, 1, with_z=False, seed=2)
     kw.pop("z"), kw.pop("initial_state")
     assert not torch.isfinite(mamba_mini_chunked_scan(**kw)).all()

@@ -22,7 +22,7 @@ def test_cpu_session_asserts_its_provider():
 
 
 def test_unknown_provider_is_refused():
-    with pytest.raises(ValueError, match="provider must be one of"):
+    with pytest.raises(ValueError, match="provider: expected one of"):
         make_session(b"", "tpu")
 
 

@@ -102,7 +102,7 @@ def test_bad_spec_is_refused():
         ScanModelSpec(dim=10, groups=4)
     with pytest.raises(ValueError, match="opset must be >= 18"):
         build_scan_model(ScanModelSpec(), opset=17)
-    with pytest.raises(ValueError, match="scan form must be one of"):
+    with pytest.raises(ValueError, match="scan_form: expected one of"):
         build_scan_model(ScanModelSpec(scan_form="parallel"))
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -13,8 +15,10 @@ from .lowering.graph_builder import GraphBuilder
 from .lowering.causal_conv import emit_causal_conv
 from .lowering.selective_scan import SelectiveScanConfig, emit_selective_scan
 from .lowering.ssd import SSDConfig, emit_ssd_scan
+from .output_dir import check_output_file, write_file_atomically
 from .ops import ONNX_DOMAIN, SCAN_INPUTS, SSD_INPUTS, onnx_translation_table
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, MIN_OPSET, resolve_target
+from ..errors import ScanExportError
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -37,9 +41,9 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
             new_nodes.append(node)
             continue
         if node.op_type not in ("SelectiveScan", "SSDScan", "CausalConv"):
-            raise ValueError(f"unknown {ONNX_DOMAIN} node {node.op_type!r}")
+            raise ScanExportError(f"unknown {ONNX_DOMAIN} node {node.op_type!r}")
         if opset < MIN_OPSET:
-            raise ValueError(f"the scan lowerings need opset >= {MIN_OPSET}, the model has {opset}")
+            raise ScanExportError(f"the scan lowerings need opset >= {MIN_OPSET}, the model has {opset}")
         a = _attrs(node)
         if node.op_type == "CausalConv":
             gb = GraphBuilder(f"causal_conv_{k}")
@@ -71,21 +75,29 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, check: bool = True) -> Path:
-    """Check (full, with shape inference) and write atomically: a failed save leaves no partial file."""
-    path = Path(path)
+WRITER_KEY = "scan_export.written_by"  # metadata on every model file we write, so a re-run may replace it
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, check: bool = True, force: bool = False) -> Path:
+    """Check (full, with shape inference) and write atomically: a failed or interrupted save leaves no
+    partial file. An existing file is replaced only when scan_export wrote it or force is set."""
+    from .. import __version__
+
+    path = check_output_file(path, force=force, ours=written_by_us)
     if check:
         onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    if not any(p.key == WRITER_KEY for p in model.metadata_props):
+        model.metadata_props.add(key=WRITER_KEY, value=f"scan-export {__version__}")
+    return write_file_atomically(path, lambda tmp: onnx.save_model(model, tmp))
+
+
+def written_by_us(path: Path) -> bool:
+    """True when path is an ONNX model scan_export wrote (its metadata carries one of our keys)."""
     try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all: certainly not ours
+        return False
+    return any(p.key.startswith("scan_export.") for p in model.metadata_props)
 
 
 def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_names=None,
@@ -102,7 +114,36 @@ def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_n
     import torch
 
     tgt = resolve_target(target, opset, lowering=lowering)
-    program = torch.onnx.export(
+    if path is not None:  # refuse a bad path before the export's work, not after
+        check_output_file(path, ours=written_by_us)
+    with _quiet_exporter():
+        program = _torch_export(torch, module, args, kwargs, dynamic_shapes, input_names, output_names, tgt)
+    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto, lowering=lowering, scan_form=scan_form))
+    model.ir_version = tgt.ir_version
+    onnx.checker.check_model(model, full_check=True)
+    if path is not None:
+        save_model(model, path, check=False)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Hide the exporter's notices a user can do nothing about ("torchvision is not installed.
+    Skipping torchvision::nms", pytree FutureWarnings); real errors still raise."""
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _torch_export(torch, module, args, kwargs, dynamic_shapes, input_names, output_names, tgt):
+    return torch.onnx.export(
         module, tuple(args), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
         input_names=input_names, output_names=output_names, opset_version=tgt.opset,
         custom_translation_table=onnx_translation_table(), verbose=False,
@@ -110,9 +151,3 @@ def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_n
         # node's outputs and would erase the types the translation set.
         optimize=False,
     )
-    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto, lowering=lowering, scan_form=scan_form))
-    model.ir_version = tgt.ir_version
-    onnx.checker.check_model(model, full_check=True)
-    if path is not None:
-        save_model(model, path, check=False)
-    return model

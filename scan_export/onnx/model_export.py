@@ -16,24 +16,23 @@ runtime.generate and the Node/web hosts read), and the checkpoint's tokenizer fi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 
-from ..runtime.generate import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP  # the contract's names live with its reader
+from ..errors import ScanExportError
+# The contract's names live with its reader.
+from ..runtime.contract import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, MODEL_FILE, TOKENIZER_FILES
+from .output_dir import plan_output_dir, staged_output
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json")
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for the graph itself
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 # 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner), and the input logits_to_keep
-# appeared. State inputs are the ones `state` names.
-FORMAT_VERSION = 2
+# appeared. State inputs are the ones `state` names. 3: `files` lists every file the export wrote
+# (a later export into the same directory removes exactly those).
+FORMAT_VERSION = 3
 
 
 def state_names(num_layers: int) -> list[tuple[str, str]]:
@@ -60,7 +59,7 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     lm_head = next(n for n in graph.node if "logits" in n.output)
     if lm_head.op_type != "MatMul":
-        raise ValueError(f"expected the logits to come from a MatMul, got {lm_head.op_type}")
+        raise RuntimeError(f"expected the logits to come from a MatMul, got {lm_head.op_type}")  # a bug, not a user mistake
     gb = GraphBuilder("logits_to_keep")
     hidden = lm_head.input[0]  # (b, l, hidden)
     k = gb.op("Reshape", LOGITS_TO_KEEP, gb.ints(1))
@@ -118,19 +117,37 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
-                 example_seqlen: int = 8, lowering: str = "portable", scan_form: str = DEFAULT_SCAN_FORM) -> Path:
-    """Export a local checkpoint. Writes into a temporary directory next to out_dir and moves it
-    into place only when everything (export, checks, description) succeeded."""
+                 example_seqlen: int = 8, lowering: str | None = None, scan_form: str | None = None,
+                 force: bool = False) -> Path:
+    """Export a local checkpoint into out_dir and return its path.
+
+    out_dir may be new, empty, or a previous export (only the files that export wrote are replaced
+    or removed); anything else is refused before any work starts unless force is set, and even then
+    only our own file names are written (output_dir.py). Everything is written into a hidden staging
+    directory first and moved into place only when export, checks and description all succeeded.
+    lowering (Mamba-2 only): "portable" (default) or "native"; scan_form (Mamba-1 only):
+    "sequential" (default) or "chunked". Asking for one on the other family is refused.
+    """
     import torch
 
-    from ..reference.models import load_mamba_lm
+    from ..reference.models import load_mamba_lm, read_hf_config
     from .export import export
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if scan_form not in SCAN_FORMS:
-        raise ValueError(f"scan_form must be one of {SCAN_FORMS}, got {scan_form!r}")
+        raise ScanExportError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if scan_form is not None and scan_form not in SCAN_FORMS:
+        raise ScanExportError(f"scan_form: expected one of {list(SCAN_FORMS)}, got {scan_form!r}")
+    model_type = read_hf_config(checkpoint_dir).get("model_type")
+    if lowering not in (None, "portable") and model_type != "mamba2":
+        raise ScanExportError(f"lowering {lowering!r} applies to Mamba-2 scans only; checkpoint {str(checkpoint_dir)!r} "
+                              f"is {model_type!r}, whose scan has one lowering (leave --lowering out)")
+    if scan_form is not None and model_type == "mamba2":
+        raise ScanExportError(f"scan_form applies to Mamba-1 scans only; checkpoint {str(checkpoint_dir)!r} is "
+                              f"'mamba2', whose scan is always chunked (leave --scan-form out)")
+    lowering = lowering or "portable"
+    scan_form = scan_form or DEFAULT_SCAN_FORM
     tgt = resolve_target(target, opset, lowering=lowering)
+    plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"})
     model = load_mamba_lm(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
     cfg = model.cfg
     names = state_names(cfg.num_hidden_layers)
@@ -138,18 +155,15 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
     example_state = model.zero_state(2)
     dynamic_shapes = ({0: dyn, 1: dyn}, tuple({0: dyn} for _ in example_state))  # forward(ids, *states)
-    with torch.no_grad():
-        proto = export(
-            model, (example_ids, *example_state), dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
-            lowering=lowering, scan_form=scan_form,
-            input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
-        )
-    add_logits_to_keep(proto)
-    onnx.checker.check_model(proto, full_check=True)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_output(plan) as staging:  # SIGTERM/SIGHUP raise from here on, so staging is always cleaned up
+        with torch.no_grad():
+            proto = export(
+                model, (example_ids, *example_state), dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
+                lowering=lowering, scan_form=scan_form,
+                input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
+            )
+        add_logits_to_keep(proto)
+        onnx.checker.check_model(proto, full_check=True)
         path = staging / MODEL_FILE
         if _initializer_bytes(proto) > external_data_bytes:
             onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -158,28 +172,13 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         else:
             onnx.save_model(proto, str(path))
         description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
-        description["lowering"] = lowering if cfg.model_type == "mamba2" else "portable"
+        description["lowering"] = lowering
         if cfg.model_type != "mamba2":
             description["scan_form"] = scan_form
-        (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
         for name in TOKENIZER_FILES:
             src = Path(checkpoint_dir) / name
             if src.is_file():
-                shutil.copy2(src, staging / name)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Swap new into dest; an existing dest is removed only after the new one is in place."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(new, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, dest)
+                shutil.copyfile(src, staging / name)  # not copy2: the source's 0600 must not carry over
+        description["files"] = sorted([p.name for p in staging.iterdir()] + [DESCRIPTION_FILE])
+        (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
+    return plan.dest

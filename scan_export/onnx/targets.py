@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ScanExportError
+
 MIN_OPSET = 18
 
 
@@ -44,17 +46,17 @@ def resolve_target(target: str = DEFAULT_TARGET, opset: int | None = None, ir_ve
 
     Refuses a lowering the target cannot run (native needs opset 27, which IR <= 10 targets lack)."""
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+        raise ScanExportError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     if lowering not in LOWERING_MIN_OPSET:
-        raise ValueError(f"lowering must be one of {sorted(LOWERING_MIN_OPSET)}, got {lowering!r}")
+        raise ScanExportError(f"lowering must be one of {sorted(LOWERING_MIN_OPSET)}, got {lowering!r}")
     base = TARGETS[target]
     opset = base.opset if opset is None else opset
     if opset < MIN_OPSET:
-        raise ValueError(f"opset must be >= {MIN_OPSET} for scan_export lowerings, got {opset}")
+        raise ScanExportError(f"opset must be >= {MIN_OPSET} for scan_export lowerings, got {opset}")
     need = LOWERING_MIN_OPSET[lowering]
     if opset < need:
         able = sorted(t.name for t in TARGETS.values() if t.opset >= need)
-        raise ValueError(f"the {lowering} lowering needs opset >= {need} (LinearAttention), but target {target!r} "
+        raise ScanExportError(f"the {lowering} lowering needs opset >= {need} (LinearAttention), but target {target!r} "
                          f"uses opset {opset} ({base.note}); use --target {' or '.join(able)}, or --lowering portable")
     if ir_version is None and opset > 21 and base.ir_version < 13:
         ir_version = 13  # opset 22..27 models need IR 13

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ScanExportError
+
 
 def causal_conv1d_with_state(x, conv_state, weight, bias=None):
     """-> (y: (b, l, d), new_conv_state: (b, K−1, d)); a causal conv over [history, x]."""
     d, k = weight.shape[0], weight.shape[-1]
     if conv_state.dim() != 3 or conv_state.shape[1] != k - 1 or conv_state.shape[2] != d:
-        raise ValueError(f"conv_state must be (batch, {k - 1}, {d}), got {tuple(conv_state.shape)}")
+        raise ScanExportError(f"conv_state must be (batch, {k - 1}, {d}), got {tuple(conv_state.shape)}")
     l = x.shape[1]
     xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (b, K−1 + l, d)
     w = weight.reshape(d, k).to(x.dtype)

@@ -13,6 +13,7 @@ import torch
 
 from .selective_scan import DEFAULT_CHUNK_SIZE, selective_scan_chunked
 from .validate import check_scan_inputs, compute_dtype
+from ..errors import ScanExportError
 
 SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -125,7 +126,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=SSD_DEFAULT_CHUNK_SIZE,
     initial_states: (b, h, p, n). Returns y: (b, l, h, p) and, when asked, final states (b, h, p, n).
     """
     if seq_idx is not None:
-        raise ValueError("seq_idx (packed variable-length sequences) is not supported; pass one sequence per batch row")
+        raise ScanExportError("seq_idx (packed variable-length sequences) is not supported; pass one sequence per batch row")
     check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
     y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, int(chunk_size), bool(dt_softplus),
                            float(dt_limit[0]), float(dt_limit[1]))

@@ -1,5 +1,5 @@
 """mamba-mini's chunked scan (`selective_scan_easy`), the published cumsum/divide form, kept as the
-benchmark baseline and as the regression witness for the overflow in NUMERICS.md. Not for use:
+benchmark baseline and as the regression witness for the overflow in docs/numerics.md. Not for use:
 it returns NaN once |A|·ΣΔ over a chunk passes ~88 (Mamba init weights at chunk 64 already do).
 
 Faithful to the original except for its `range(0, L - 1, chunk)` bug, fixed here so every position

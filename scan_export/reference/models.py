@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .custom_ops import causal_conv, mamba_chunk_scan_combined, selective_scan_fn
+from ..errors import ScanExportError
 
 SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
 
@@ -61,9 +62,9 @@ class MambaLMConfig:
     def from_hf(cls, cfg: dict) -> MambaLMConfig:
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
+            raise ScanExportError(f"field 'model_type': expected one of {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act must be 'silu' (as in every released Mamba), got {cfg['hidden_act']!r}")
+            raise ScanExportError(f"field 'hidden_act': expected 'silu' (as in every released Mamba), got {cfg['hidden_act']!r}")
         hidden = cfg["hidden_size"]
         rank = cfg.get("time_step_rank", "auto")
         eos = cfg.get("eos_token_id")
@@ -73,7 +74,8 @@ class MambaLMConfig:
                           chunk_size=cfg.get("chunk_size", 256),
                           time_step_limit=tuple(_json_float(v) for v in cfg.get("time_step_limit", (0.0, "inf"))))
             if int(cfg.get("expand", 2) * hidden) != mamba2["num_heads"] * mamba2["head_dim"]:
-                raise ValueError("config.json: hidden_size * expand must equal num_heads * head_dim for mamba2")
+                raise ScanExportError("fields hidden_size * expand: expected to equal num_heads * head_dim for mamba2, got "
+                                      f"{hidden} * {cfg.get('expand', 2)} vs {mamba2['num_heads']} * {mamba2['head_dim']}")
         return cls(**mamba2,
             model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=hidden,
             intermediate_size=int(cfg.get("intermediate_size") or cfg.get("expand", 2) * hidden),
@@ -84,6 +86,15 @@ class MambaLMConfig:
             mixer_rms_eps=cfg.get("mixer_rms_eps", 1e-6), tie_word_embeddings=cfg.get("tie_word_embeddings", True),
             eos_token_id=eos[0] if isinstance(eos, list) else eos, bos_token_id=cfg.get("bos_token_id"),
         )
+
+    def check(self) -> None:
+        """Sizes a model can be built from; one line naming the field otherwise."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "state_size", "time_step_rank",
+                     "num_hidden_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ScanExportError(f"field {name!r}: expected a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 2:
+            raise ScanExportError(f"field 'conv_kernel': expected an integer >= 2, got {self.conv_kernel!r}")
 
     def state_shapes(self) -> tuple[tuple, tuple]:
         """Per-layer (conv_state, ssm_state) shapes without the batch dimension."""
@@ -239,7 +250,7 @@ class MambaLM(nn.Module):
     def forward(self, input_ids, *states):
         n_layers = self.cfg.num_hidden_layers
         if len(states) != 2 * n_layers:
-            raise ValueError(f"expected {2 * n_layers} state tensors (conv, ssm per layer), got {len(states)}")
+            raise ScanExportError(f"expected {2 * n_layers} state tensors (conv, ssm per layer), got {len(states)}")
         x = self.backbone.embeddings(input_ids)
         new_states = []
         for i, layer in enumerate(self.backbone.layers):
@@ -265,11 +276,17 @@ class MambaLM(nn.Module):
 def read_hf_config(checkpoint_dir) -> dict:
     path = Path(checkpoint_dir)
     if not path.is_dir():
-        raise ValueError(f"checkpoint_dir {str(path)!r} does not exist or is not a directory")
+        raise ScanExportError(f"checkpoint_dir {str(path)!r} does not exist or is not a directory")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise ValueError(f"checkpoint_dir {str(path)!r} has no config.json")
-    return json.loads(cfg_path.read_text())
+        raise ScanExportError(f"checkpoint_dir {str(path)!r} has no config.json; expected a Hugging Face checkpoint directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScanExportError(f"{cfg_path}: expected JSON, got a parse error ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ScanExportError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
+    return cfg
 
 
 def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
@@ -279,22 +296,47 @@ def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
     if shards:
         from safetensors.torch import load_file
 
+        from safetensors import SafetensorError
+
         state = {}
         for shard in shards:
-            state.update(load_file(str(shard)))
+            try:
+                state.update(load_file(str(shard)))
+            except (SafetensorError, OSError) as e:  # truncated, corrupt, or not safetensors at all
+                raise ScanExportError(f"{shard}: expected a safetensors file, could not read it ({e})") from None
         return state
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
+        import pickle
+        import zipfile
+
         state = {}
         for b in bins:
-            state.update(torch.load(str(b), map_location="cpu", weights_only=True))
+            try:
+                part = torch.load(str(b), map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ScanExportError(f"{b}: expected a PyTorch state dict, could not read it ({first})") from None
+            if not isinstance(part, dict):
+                raise ScanExportError(f"{b}: expected a state dict, got a {type(part).__name__}")
+            state.update(part)
         return state
-    raise ValueError(f"checkpoint_dir {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
+    raise ScanExportError(f"checkpoint_dir {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
 
 
 def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
     """Build a MambaLM from a local HF checkpoint; every parameter must be found by name."""
-    cfg = MambaLMConfig.from_hf(read_hf_config(checkpoint_dir))
+    cfg_path = Path(checkpoint_dir) / "config.json"
+    raw = read_hf_config(checkpoint_dir)
+    try:
+        cfg = MambaLMConfig.from_hf(raw)
+        cfg.check()
+    except KeyError as e:
+        raise ScanExportError(f"{cfg_path}: required field {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ScanExportError):
+            raise ScanExportError(f"{cfg_path}: {e}") from None
+        raise ScanExportError(f"{cfg_path}: a field has the wrong type or value ({e})") from None
     model = MambaLM(cfg)
     state = load_hf_state_dict(checkpoint_dir)
     state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}  # old name
@@ -303,9 +345,11 @@ def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
     wanted = dict(model.named_parameters())
     missing = sorted(k for k in wanted if state.get(k) is None)
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r} is missing {len(missing)} weight(s) config.json "
+                              f"asks for: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     for k, p in wanted.items():
         if tuple(state[k].shape) != tuple(p.shape):
-            raise ValueError(f"weight {k} has shape {tuple(state[k].shape)}, expected {tuple(p.shape)} from config.json")
+            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {k} expected shape {tuple(p.shape)} "
+                                  f"(from config.json), got {tuple(state[k].shape)}")
     model.load_state_dict({k: state[k] for k in wanted}, strict=True)
     return model.to(dtype).eval()

@@ -1,4 +1,4 @@
-"""Input generators for the numeric regimes of ../shared/NUMERICS.md, shared by tests, check and bench.
+"""Input generators for the numeric regimes of docs/numerics.md, shared by tests, check and bench.
 
   easy:   A = −0.5·rand,          Δ = 0.5·rand                chunk decay Λ(T=64) ≤ 35
   init:   A = −[1..n] per row,    Δ per channel log-uniform in [1e-3, 0.1] (mamba's dt init),
@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..errors import ScanExportError
 
 REGIMES = ("easy", "init", "heavy")
 
@@ -45,7 +47,7 @@ def make_A_delta(regime: str, batch: int, dim: int, dstate: int, seqlen: int, ge
         spikes = torch.rand(batch, dim, seqlen, generator=gen) < 0.03
         dt = torch.where(spikes, 1.7 + 3.3 * torch.rand(batch, dim, seqlen, generator=gen, dtype=torch.float64), dt)
     else:
-        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+        raise ScanExportError(f"regime must be one of {REGIMES}, got {regime!r}")
     return A, dt
 
 

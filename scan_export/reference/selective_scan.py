@@ -8,7 +8,7 @@ Glossary (mamba_ssm / paper naming):
 
 The chunked scan derives in docs/derivation.md. Inside a chunk it takes one of two exact forms:
   * "cumsum/divide" (mamba-mini's form, re-referenced to the chunk midpoint), cheap but it overflows
-    float32 once Λ = max |A|·ΣΔ over the chunk grows (NUMERICS.md: NaN past ~88 with an end reference);
+    float32 once Λ = max |A|·ΣΔ over the chunk grows (docs/numerics.md: NaN past ~88 with an end reference);
   * "sub-chunked": the same cumsum/divide inside sub-chunks of 4 steps, with each step's
     log-decay clamped at −20, and the recurrence carrying state between sub-chunks; finite for
     every Λ at about the same cost.
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .validate import ScanDims, check_scan_inputs, compute_dtype
+from ..errors import ScanExportError
 
 DEFAULT_CHUNK_SIZE = 16
 # Largest chunk decay Λ for which the cumsum/divide form is used. With the midpoint reference its
@@ -162,7 +163,7 @@ def selective_scan_chunked(
     """
     dims = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        raise ScanExportError(f"chunk_size must be a positive int, got {chunk_size!r}")
     b, d, l, n = dims.batch, dims.dim, dims.seqlen, dims.dstate
     dtype_in, f = u.dtype, compute_dtype(u)
     g = dims.groups or d  # fixed B/C: one "group" per channel
@@ -215,11 +216,11 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """
     if not isinstance(state, torch.Tensor) or state.dim() != 3:
         got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-        raise ValueError(f"state must be rank 3 (batch, dim, dstate), got {got}")
+        raise ScanExportError(f"state must be rank 3 (batch, dim, dstate), got {got}")
     for name, v in (("x", x), ("dt", dt), ("z", z)):
         if v is not None and (not isinstance(v, torch.Tensor) or v.dim() != 2):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{name} must be rank 2 (batch, dim), got {got}")
+            raise ScanExportError(f"{name} must be rank 2 (batch, dim), got {got}")
     seq = lambda v: None if v is None else v[..., None]  # (..., ) -> (..., 1): a length-1 sequence
     out, new_state = selective_scan_ref(
         seq(x), seq(dt), A, seq(B), seq(C), D=D, z=seq(z), delta_bias=dt_bias,

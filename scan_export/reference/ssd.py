@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import ScanExportError
+
 SSD_DEFAULT_CHUNK_SIZE = 64
 
 
@@ -33,18 +35,18 @@ def check_ssd_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state
     def need(name, t, rank, layout):
         if not isinstance(t, torch.Tensor) or t.dim() != rank:
             got = _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be rank {rank} {layout}, got {got}")
+            raise ScanExportError(f"{name} must be rank {rank} {layout}, got {got}")
         if t.is_complex() or not t.is_floating_point():
-            raise ValueError(f"{name} must be a real floating tensor, got {_shape(t)}")
+            raise ScanExportError(f"{name} must be a real floating tensor, got {_shape(t)}")
 
     def same(name, t, want, layout):
         if tuple(t.shape) != tuple(want):
-            raise ValueError(f"{name} must have shape {layout} = {tuple(want)}, got {_shape(t)}")
+            raise ScanExportError(f"{name} must have shape {layout} = {tuple(want)}, got {_shape(t)}")
 
     need("x", x, 4, "(batch, seqlen, heads, headdim)")
     b, l, h, p = x.shape
     if l == 0:
-        raise ValueError(f"x must have seqlen >= 1, got {_shape(x)}")
+        raise ScanExportError(f"x must have seqlen >= 1, got {_shape(x)}")
     need("dt", dt, 3, "(batch, seqlen, heads)")
     same("dt", dt, (b, l, h), "(batch, seqlen, heads)")
     need("A", A, 1, "(heads,)")
@@ -52,7 +54,7 @@ def check_ssd_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state
     need("B", B, 4, "(batch, seqlen, groups, dstate)")
     g, n = B.shape[2], B.shape[3]
     if g == 0 or h % g:
-        raise ValueError(f"B has {g} groups, but heads={h} is not divisible by groups; got {_shape(B)}")
+        raise ScanExportError(f"B has {g} groups, but heads={h} is not divisible by groups; got {_shape(B)}")
     same("B", B, (b, l, g, n), "(batch, seqlen, groups, dstate)")
     need("C", C, 4, "(batch, seqlen, groups, dstate)")
     same("C", C, (b, l, g, n), "(batch, seqlen, groups, dstate)")
@@ -70,7 +72,7 @@ def check_ssd_inputs(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state
         same("initial_states", initial_states, (b, h, p, n), "(batch, heads, headdim, dstate)")
     for name, t in (("dt", dt), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{name} must have x's dtype {x.dtype}, got {_shape(t)}")
+            raise ScanExportError(f"{name} must have x's dtype {x.dtype}, got {_shape(t)}")
     return b, l, h, p, g, n
 
 
@@ -142,7 +144,7 @@ def ssd_scan_chunked(x, dt, A, B, C, chunk_size=SSD_DEFAULT_CHUNK_SIZE, D=None, 
     """Chunked SSD scan: same signature and result as ssd_scan_ref. Differentiable."""
     b, l, h, p, g, n = check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        raise ScanExportError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dtype_in, f = x.dtype, _compute_dtype(x)
     xf = x.to(f)
     dt = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, f)
@@ -174,7 +176,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     """One Mamba-2 decode step, functional. state: (b, h, p, n)  x, z: (b, h, p)  dt: (b, h)
     B, C: (b, g, n). Returns (y: (b, h, p) in x.dtype, new_state in state.dtype)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be rank 3 (batch, heads, headdim), got {_shape(x) if isinstance(x, torch.Tensor) else x!r}")
+        raise ScanExportError(f"x must be rank 3 (batch, heads, headdim), got {_shape(x) if isinstance(x, torch.Tensor) else x!r}")
     seq = lambda t: None if t is None else t[:, None]  # noqa: E731  one-step sequence
     y, new_state = ssd_scan_ref(seq(x), seq(dt), A, seq(B), seq(C), None, D, seq(z), dt_bias, state,
                                 dt_softplus, dt_limit, True)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ScanExportError
+
 
 @dataclass(frozen=True)
 class ScanDims:
@@ -35,24 +37,24 @@ def _shape(x: torch.Tensor) -> str:
 
 def _require_rank(name: str, x: torch.Tensor, rank: int, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor with layout {layout}, got {type(x).__name__}")
+        raise ScanExportError(f"{name} must be a torch.Tensor with layout {layout}, got {type(x).__name__}")
     if x.dim() != rank:
-        raise ValueError(f"{name} must be rank {rank} {layout}, got shape {_shape(x)}")
+        raise ScanExportError(f"{name} must be rank {rank} {layout}, got shape {_shape(x)}")
 
 
 def _require_shape(name: str, x: torch.Tensor, expected: tuple[int, ...], layout: str) -> None:
     if tuple(x.shape) != expected:
-        raise ValueError(f"{name} must have shape {layout} = {expected}, got shape {_shape(x)}")
+        raise ScanExportError(f"{name} must have shape {layout} = {expected}, got shape {_shape(x)}")
 
 
 def _require_float(name: str, x: torch.Tensor) -> None:
     if x.is_complex():
-        raise ValueError(
+        raise ScanExportError(
             f"{name} is complex ({x.dtype}); scan_export supports real selective scans only "
             "(complex A/B/C from the original S4D variant is not supported)"
         )
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+        raise ScanExportError(f"{name} must be a floating tensor, got dtype {x.dtype}")
 
 
 def _check_bc(name: str, x: torch.Tensor, b: int, d: int, l: int, n: int) -> int:
@@ -67,10 +69,10 @@ def _check_bc(name: str, x: torch.Tensor, b: int, d: int, l: int, n: int) -> int
     if x.dim() == 4:
         g = x.shape[1]
         if g == 0 or d % g != 0:
-            raise ValueError(f"{name} has {g} groups, but dim={d} is not divisible by groups; got shape {_shape(x)}")
+            raise ScanExportError(f"{name} has {g} groups, but dim={d} is not divisible by groups; got shape {_shape(x)}")
         _require_shape(name, x, (b, g, n, l), "(batch, groups, dstate, seqlen)")
         return g
-    raise ValueError(
+    raise ScanExportError(
         f"{name} must be (dim, dstate), (batch, dstate, seqlen) or (batch, groups, dstate, seqlen), "
         f"got shape {_shape(x)}"
     )
@@ -81,7 +83,7 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     _require_float("u", u)
     b, d, l = u.shape
     if l == 0:
-        raise ValueError(f"u must have seqlen >= 1, got shape {_shape(u)}")
+        raise ScanExportError(f"u must have seqlen >= 1, got shape {_shape(u)}")
     _require_rank("delta", delta, 3, "(batch, dim, seqlen)")
     _require_shape("delta", delta, (b, d, l), "(batch, dim, seqlen)")
     _require_rank("A", A, 2, "(dim, dstate)")
@@ -91,7 +93,7 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     gb = _check_bc("B", B, b, d, l, n)
     gc = _check_bc("C", C, b, d, l, n)
     if (gb == 0) != (gc == 0):
-        raise ValueError(f"B and C must both be fixed or both be input-dependent, got B {_shape(B)} and C {_shape(C)}")
+        raise ScanExportError(f"B and C must both be fixed or both be input-dependent, got B {_shape(B)} and C {_shape(C)}")
     if z is not None:
         _require_rank("z", z, 3, "(batch, dim, seqlen)")
         _require_shape("z", z, (b, d, l), "(batch, dim, seqlen)")
@@ -113,16 +115,16 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
         if x is not None:
             _require_float(name, x)
             if x.dtype != u.dtype:
-                raise ValueError(f"{name} must have u's dtype {u.dtype}, got {_shape(x)}")
+                raise ScanExportError(f"{name} must have u's dtype {u.dtype}, got {_shape(x)}")
     params = {"A": A, "D": D, "delta_bias": delta_bias, "initial_state": initial_state}
     if not gb:
         params |= {"B": B, "C": C}
     for name, x in params.items():
         if x is not None and x.dtype not in (u.dtype, torch.float32, torch.float64):
-            raise ValueError(f"{name} must be float32, float64 or u's dtype {u.dtype}, got {_shape(x)}")
+            raise ScanExportError(f"{name} must be float32, float64 or u's dtype {u.dtype}, got {_shape(x)}")
     devices = {x.device for x in (u, delta, A, B, C, D, z, delta_bias, initial_state) if x is not None}
     if len(devices) > 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+        raise ScanExportError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     return ScanDims(b, d, l, n, max(gb, 0))
 
 

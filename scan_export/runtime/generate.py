@@ -7,7 +7,6 @@ recurrent state), their states are stacked, and decoding runs as one batch.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,9 @@ from typing import Callable
 
 import numpy as np
 
+from .contract import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, read_description  # noqa: F401 (re-exported)
 from .session import make_session
 
-FORMAT = "scan_export/mamba-lm"
-DESCRIPTION_FILE = "scan_export.json"
-LOGITS_TO_KEEP = "logits_to_keep"
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -28,12 +25,7 @@ class ExportedMamba:
 
     def __init__(self, export_dir, provider: str = "cpu", threads: int | None = None):
         export_dir = Path(export_dir)
-        desc_path = export_dir / DESCRIPTION_FILE
-        if not desc_path.is_file():
-            raise ValueError(f"export_dir {str(export_dir)!r} has no {DESCRIPTION_FILE}; is it a scan-export export-model output?")
-        self.description = json.loads(desc_path.read_text())
-        if self.description.get("format") != FORMAT:
-            raise ValueError(f"{desc_path} has format {self.description.get('format')!r}, expected {FORMAT!r}")
+        self.description = read_description(export_dir)
         self.export_dir = export_dir
         self.vocab_size = int(self.description["vocab_size"])
         self.session = make_session(export_dir / self.description["model_file"], provider, threads=threads)

@@ -6,11 +6,14 @@ import os
 
 import numpy as np
 
+from ..errors import ScanExportError
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-class ProviderUnavailableError(RuntimeError):
-    """The requested execution provider is not in this onnxruntime build."""
+class ProviderUnavailableError(ScanExportError, RuntimeError):
+    """The requested execution provider is not in this onnxruntime build (a user-fixable setup
+    problem, so a ScanExportError; still a RuntimeError for callers that caught that)."""
 
 
 def _onnxruntime():
@@ -37,7 +40,7 @@ def make_session(model, provider: str = "cpu", *, threads: int | None = None, lo
     """
     ort = _onnxruntime()
     if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        raise ScanExportError(f"provider: expected one of {sorted(PROVIDERS)}, got {provider!r}")
     wanted = PROVIDERS[provider]
     if wanted not in ort.get_available_providers():
         hint = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu" if provider == "cuda" else "pip install onnxruntime"
@@ -51,7 +54,13 @@ def make_session(model, provider: str = "cpu", *, threads: int | None = None, lo
         opts.intra_op_num_threads = threads
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
-    session = ort.InferenceSession(model, opts, providers=[wanted])
+    try:
+        session = ort.InferenceSession(model, opts, providers=[wanted])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/NoSuchFile/InvalidGraph types
+        if not isinstance(model, str):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ScanExportError(f"{model}: onnxruntime could not load it as an ONNX model ({first})") from e
     if session.get_providers()[0] != wanted:
         raise RuntimeError(f"asked for {wanted}, but onnxruntime chose {session.get_providers()}")
     return session

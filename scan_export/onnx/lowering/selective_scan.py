@@ -33,6 +33,7 @@ from onnx import TensorProto
 from ...reference.selective_scan import DEFAULT_CHUNK_SIZE, PLAIN_MAX_DECAY, STEP_LOG_DECAY_MIN, subchunk_size
 from ..targets import DEFAULT_SCAN_FORM, SCAN_FORMS
 from .graph_builder import INT64_MAX, GraphBuilder, value_info
+from ...errors import ScanExportError
 
 BC_LAYOUTS = ("fixed", "variable", "grouped")  # (d, n) | (b, n, l) | (b, g, n, l)
 # The sequential form floors each step's log-decay at −60 before Exp. Below about −87 float32's exp
@@ -52,11 +53,11 @@ class SelectiveScanConfig:
 
     def __post_init__(self):
         if self.bc_layout not in BC_LAYOUTS:
-            raise ValueError(f"bc_layout must be one of {BC_LAYOUTS}, got {self.bc_layout!r}")
+            raise ScanExportError(f"bc_layout must be one of {BC_LAYOUTS}, got {self.bc_layout!r}")
         if self.form not in SCAN_FORMS:
-            raise ValueError(f"scan form must be one of {SCAN_FORMS}, got {self.form!r}")
+            raise ScanExportError(f"scan form must be one of {SCAN_FORMS}, got {self.form!r}")
         if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+            raise ScanExportError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
     @property
     def compute_dtype(self) -> int:

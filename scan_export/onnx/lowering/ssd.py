@@ -20,6 +20,7 @@ from onnx import TensorProto
 
 from .graph_builder import INT64_MAX, GraphBuilder, value_info
 from .selective_scan import NP_DTYPE, _emit_softplus, _scalar_tensor
+from ...errors import ScanExportError
 
 
 LOWERINGS = ("portable", "native")
@@ -38,9 +39,9 @@ class SSDConfig:
 
     def __post_init__(self):
         if self.lowering not in LOWERINGS:
-            raise ValueError(f"lowering must be one of {LOWERINGS}, got {self.lowering!r}")
+            raise ScanExportError(f"lowering must be one of {LOWERINGS}, got {self.lowering!r}")
         if self.lowering == "native" and not self.heads:
-            raise ValueError("the native lowering needs a static head count (heads), since LinearAttention "
+            raise ScanExportError("the native lowering needs a static head count (heads), since LinearAttention "
                              "takes q_num_heads/kv_num_heads as attributes")
 
     @property
