@@ -209,7 +209,10 @@ def _add_export_model(sub):
     from .onnx.targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, TARGETS
 
     p = sub.add_parser("export-model", help="export a local HF Mamba/FalconMamba/Mamba2 checkpoint to ONNX with state I/O")
-    p.add_argument("checkpoint_dir", help="a local Hugging Face checkpoint directory (config.json + weights)")
+    p.add_argument("checkpoint_dir", metavar="CHECKPOINT",
+                   help="a local Hugging Face checkpoint directory (config.json + weights), or a Hub id ORG/NAME "
+                        "(downloaded with huggingface_hub; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN apply)")
+    p.add_argument("--revision", default=None, help="with a Hub id: branch, tag or commit (default: main)")
     p.add_argument("--out", required=True,
                    help="output directory: new, empty, or a previous export (then only its files are replaced)")
     p.add_argument("--force", action="store_true",
@@ -234,7 +237,7 @@ def cmd_export_model(args):
     from .onnx.model_export import DESCRIPTION_FILE, export_model
 
     out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
-                       lowering=args.lowering, scan_form=args.scan_form, force=args.force)
+                       lowering=args.lowering, scan_form=args.scan_form, force=args.force, revision=args.revision)
     d = json.loads((out / DESCRIPTION_FILE).read_text())
     print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}, "
           f"IR {d['ir_version']}, opset {d['opset']}, {d['node_count']} nodes")

@@ -24,6 +24,7 @@ import onnx
 from ..errors import ScanExportError
 # The contract's names live with its reader.
 from ..runtime.contract import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, MODEL_FILE, TOKENIZER_FILES
+from .checkpoint import resolve_checkpoint
 from .output_dir import plan_output_dir, staged_output
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
@@ -118,8 +119,9 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
                  example_seqlen: int = 8, lowering: str | None = None, scan_form: str | None = None,
-                 force: bool = False) -> Path:
-    """Export a local checkpoint into out_dir and return its path.
+                 force: bool = False, revision: str | None = None) -> Path:
+    """Export a checkpoint into out_dir and return its path. checkpoint_dir: a local directory, or a
+    Hugging Face Hub id ORG/NAME (at `revision`) fetched with huggingface_hub (checkpoint.py).
 
     out_dir may be new, empty, or a previous export (only the files that export wrote are replaced
     or removed); anything else is refused before any work starts unless force is set, and even then
@@ -137,6 +139,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         raise ScanExportError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     if scan_form is not None and scan_form not in SCAN_FORMS:
         raise ScanExportError(f"scan_form: expected one of {list(SCAN_FORMS)}, got {scan_form!r}")
+    checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision)
     model_type = read_hf_config(checkpoint_dir).get("model_type")
     if lowering not in (None, "portable") and model_type != "mamba2":
         raise ScanExportError(f"lowering {lowering!r} applies to Mamba-2 scans only; checkpoint {str(checkpoint_dir)!r} "
