@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -78,6 +80,52 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _value_infos(graph: onnx.GraphProto):
+    """Every ValueInfoProto of a graph and of its subgraphs (Scan / Loop / If bodies)."""
+    yield from (*graph.input, *graph.output, *graph.value_info)
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in (attr.g,) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _value_infos(g)
+
+
+def name_dims(model: onnx.ModelProto, description: dict) -> onnx.ModelProto:
+    """Name each dynamic dim of the graph's inputs and outputs as the description does (batch,
+    seqlen, logits_len), and rename the same symbols everywhere else in the graph.
+
+    Hosts that match dimension names (onnxruntime-genai, free-dimension overrides) need one name
+    per axis. torch's exporter takes the names from dynamic_shapes; this pass maps whatever symbol
+    sits where the description has a name, so it holds even if the exporter leaves `s41`-style
+    symbols, and raises (a bug, not a user mistake) if a dim the description calls dynamic came out
+    fixed, or if one symbol stands for two names."""
+    want = {v["name"]: v["shape"] for v in (*description["inputs"], *description["outputs"])}
+    rename = {}
+    for v in (*model.graph.input, *model.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        shape = want[v.name]
+        if len(dims) != len(shape):
+            raise RuntimeError(f"graph {v.name} has rank {len(dims)}, the description says {shape}")
+        for d, w in zip(dims, shape):
+            if not isinstance(w, str):
+                if d.dim_value != w:
+                    raise RuntimeError(f"graph {v.name} has shape {dims}, the description says {shape}")
+            elif d.HasField("dim_value"):
+                raise RuntimeError(f"graph {v.name}: the exporter fixed the {w} dim at {d.dim_value}")
+            elif not d.dim_param:
+                d.dim_param = w
+            elif rename.setdefault(d.dim_param, w) != w:
+                raise RuntimeError(f"graph symbol {d.dim_param!r} stands for both {rename[d.dim_param]} and {w}")
+    rename = {old: new for old, new in rename.items() if old != new}
+    if rename:
+        # Whole symbols only, also inside expressions such as "s41*s70".
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+        for v in _value_infos(model.graph):
+            for d in v.type.tensor_type.shape.dim:
+                if d.dim_param:
+                    d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
+    return model
+
+
 def describe(cfg, dtype: str, target, node_count: int) -> dict:
     conv_shape, ssm_shape = cfg.state_shapes()
     state = []
@@ -134,17 +182,23 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     model = load_mamba_lm(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
     cfg = model.cfg
     names = state_names(cfg.num_hidden_layers)
-    dyn = torch.export.Dim.DYNAMIC
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
     example_state = model.zero_state(2)
-    dynamic_shapes = ({0: dyn, 1: dyn}, tuple({0: dyn} for _ in example_state))  # forward(ids, *states)
-    with torch.no_grad():
+    # forward(ids, *states). Named axes: torch's exporter writes these names into the graph (and
+    # name_dims below enforces them); with Dim.DYNAMIC it leaves a symbol per input (s41, s3, ...).
+    dynamic_shapes = ({0: "batch", 1: "seqlen"}, tuple({0: "batch"} for _ in example_state))
+    with torch.no_grad(), warnings.catch_warnings():
+        # Every state's batch is the same symbol as input_ids' batch, so torch warns that it
+        # "will not use" the name batch for them: it already does.
+        warnings.filterwarnings("ignore", message=r".*will not be used, since it shares the same shape constraints")
         proto = export(
             model, (example_ids, *example_state), dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
             lowering=lowering, scan_form=scan_form,
             input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
         )
     add_logits_to_keep(proto)
+    description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
+    name_dims(proto, description)
     onnx.checker.check_model(proto, full_check=True)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +211,6 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
             onnx.checker.check_model(str(path), full_check=True)
         else:
             onnx.save_model(proto, str(path))
-        description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
         description["lowering"] = lowering if cfg.model_type == "mamba2" else "portable"
         if cfg.model_type != "mamba2":
             description["scan_form"] = scan_form
