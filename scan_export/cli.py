@@ -147,6 +147,9 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop-token-id", type=int, default=None, help="defaults to the model's eos_token_id")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--engine", default="ort", choices=["ort", "genai"],
+                   help="ort: our loop on onnxruntime; genai: onnxruntime-genai >= 0.18, for comparison "
+                        "(exports made with --target genai; prompts of one length)")
     p.add_argument("--json", action="store_true", help='print {"tokens": [...], "text": ...} at the end')
     p.set_defaults(func=cmd_generate)
 
@@ -165,6 +168,8 @@ def cmd_generate(args):
     from .runtime.generate import ExportedMamba, generate
     from .runtime.tokenizer import load_tokenizer
 
+    if args.engine == "genai":  # the same interface, run by onnxruntime-genai
+        from .runtime.genai import GenaiModel as ExportedMamba, generate_genai as generate
     model = ExportedMamba(args.export_dir, args.provider)
     tokenizer = load_tokenizer(args.export_dir, required=args.prompt is not None)
     if args.prompt is not None:

@@ -10,7 +10,8 @@ The graph serves prefill (any l) and decode (l = 1) alike; the state goes in and
            present.{i}.conv_state, present.{i}.ssm_state (same shapes as the inputs)
 
 OUT_DIR holds model.onnx (+ model.onnx.data past 2 GB), scan_export.json (the I/O contract that
-runtime.generate and the Node/web hosts read), and the checkpoint's tokenizer files.
+runtime.generate and the Node/web hosts read), the checkpoint's tokenizer files, and with
+--target genai a genai_config.json for onnxruntime-genai (genai_config.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import onnx
 
 from ..runtime.generate import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP  # the contract's names live with its reader
+from .genai_config import GENAI_CONFIG_FILE, genai_config
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
 MODEL_FILE = "model.onnx"
@@ -36,6 +38,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16"}
 # 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner), and the input logits_to_keep
 # appeared. State inputs are the ones `state` names.
 FORMAT_VERSION = 2
+# The genai target's logits_to_keep default: every position, the logits shape genai binds.
+GENAI_LOGITS_TO_KEEP = 0
 
 
 def state_names(num_layers: int) -> list[tuple[str, str]]:
@@ -47,14 +51,15 @@ def state_names(num_layers: int) -> list[tuple[str, str]]:
     return names
 
 
-def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
+def add_logits_to_keep(model: onnx.ModelProto, default: int | None = None) -> onnx.ModelProto:
     """Give the graph transformers' logits_to_keep: an int64 scalar input; 0 keeps every position's
     logits, k > 0 restricts the lm_head to the last k positions.
 
     Generation needs only the last position's logits after a prefill; computing all of them costs
     a (l, hidden) x (hidden, vocab) MatMul (15% of a 130m prefill at l = 512) and an (l, vocab)
     output (100 MB at l = 512). It is a plain required input, not an initializer-backed default:
-    onnxruntime-web 1.30 refuses to feed those ("invalid input")."""
+    onnxruntime-web 1.30 refuses to feed those ("invalid input"). default (the genai target only)
+    backs it with an initializer for hosts that never feed it (onnxruntime-genai)."""
     from onnx import TensorProto, helper
 
     from .lowering.graph_builder import INT64_MAX, GraphBuilder
@@ -75,6 +80,8 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes[:at] + gb.nodes + nodes[at:])
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
+    if default is not None:
+        graph.initializer.append(helper.make_tensor(LOGITS_TO_KEEP, TensorProto.INT64, [], [default]))
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_len"
     return model
@@ -150,7 +157,9 @@ def describe(cfg, dtype: str, target, node_count: int) -> dict:
         + [{"name": s[kind]["input"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
            for s in state for kind in ("conv_state", "ssm_state")]
         + [{"name": LOGITS_TO_KEEP, "shape": [], "dtype": "int64",
-            "meaning": "0: logits for every position; k > 0: for the last k positions only (generation needs 1)"}],
+            "meaning": "0: logits for every position; k > 0: for the last k positions only (generation needs 1)",
+            # genai target: a host may leave it unfed (onnxruntime-genai does; the web host must).
+            **({"default": GENAI_LOGITS_TO_KEEP} if target.genai else {})}],
         "outputs": [{"name": "logits", "shape": ["batch", "logits_len", cfg.vocab_size], "dtype": dtype,
                      "meaning": "logits_len = seqlen, or min(logits_to_keep, seqlen) when logits_to_keep > 0"}]
         + [{"name": s[kind]["output"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
@@ -196,7 +205,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
             lowering=lowering, scan_form=scan_form,
             input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
         )
-    add_logits_to_keep(proto)
+    add_logits_to_keep(proto, default=GENAI_LOGITS_TO_KEEP if tgt.genai else None)
     description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
     name_dims(proto, description)
     onnx.checker.check_model(proto, full_check=True)
@@ -215,6 +224,9 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         if cfg.model_type != "mamba2":
             description["scan_form"] = scan_form
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
+        if tgt.genai:
+            genai = genai_config(description, MODEL_FILE, checkpoint_dir)
+            (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2))
         for name in TOKENIZER_FILES:
             src = Path(checkpoint_dir) / name
             if src.is_file():
