@@ -259,6 +259,9 @@ def _add_generate(sub):
     p.add_argument("--seed", type=nonneg_int, default=None, help="with --do-sample: random seed (default: fresh entropy)")
     p.add_argument("--stop-token-id", type=nonneg_int, default=None, help="stop after this token (default: the model's eos_token_id)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider; never falls back")
+    p.add_argument("--engine", default="ort", choices=["ort", "genai"],
+                   help="ort: our loop on onnxruntime; genai: onnxruntime-genai >= 0.18, for comparison "
+                        "(exports made with --target genai; prompts of one length)")
     p.add_argument("--json", action="store_true", help='print {"tokens": [...], "text": ...} at the end instead of streaming')
     p.set_defaults(func=cmd_generate)
 
@@ -296,6 +299,8 @@ def cmd_generate(args):
     from .runtime.generate import ExportedMamba, generate
     from .runtime.tokenizer import load_tokenizer
 
+    if args.engine == "genai":  # the same interface, run by onnxruntime-genai
+        from .runtime.genai import GenaiModel as ExportedMamba, generate_genai as generate
     model = ExportedMamba(args.export_dir, args.provider)
     tokenizer = load_tokenizer(args.export_dir, required=args.prompt is not None)
     if args.prompt is not None:

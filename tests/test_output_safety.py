@@ -142,7 +142,7 @@ import sys, time
 import scan_export.onnx.model_export as me
 real = me.describe
 def slow(*a, **k):
-    print("STAGED", flush=True)  # the staging directory exists and holds model.onnx by now
+    print("STAGED", flush=True)  # the staging directory exists and the traced graph is in memory
     time.sleep(60)
     return real(*a, **k)
 me.describe = slow

@@ -4,7 +4,8 @@
 // Contract, from OUT_DIR/scan_export.json:
 //   inputs:  input_ids (batch, seqlen) int64, then each state input in `description.inputs` order
 //            (the inputs that `description.state` names), and logits_to_keep (int64 scalar, version 2
-//            exports: 0 = logits for every position, k > 0 = the last k)
+//            exports: 0 = logits for every position, k > 0 = the last k; may be left unfed when it
+//            has a `default`)
 //   outputs: logits (batch, logits_len, vocab), then the state outputs in `description.outputs` order
 //   a new sequence starts from all-zero states; after each run, output state i feeds input state i.
 
@@ -15,8 +16,10 @@ export function stateInputs(description) {
   return description.inputs.filter((i) => names.has(i.name));
 }
 
+// Fed when listed, unless it has a `default` (--target genai exports): onnxruntime-web 1.30 refuses to
+// be fed an input that has a default ("invalid input"), and the default, 0, gives every position's logits.
 function takesLogitsToKeep(description) {
-  return description.inputs.some((i) => i.name === 'logits_to_keep');
+  return description.inputs.some((i) => i.name === 'logits_to_keep' && !('default' in i));
 }
 
 export function stateOutputs(description) {

@@ -10,13 +10,16 @@ The graph serves prefill (any l) and decode (l = 1) alike; the state goes in and
            present.{i}.conv_state, present.{i}.ssm_state (same shapes as the inputs)
 
 OUT_DIR holds model.onnx (+ model.onnx.data past 2 GB), scan_export.json (the I/O contract that
-runtime.generate and the Node/web hosts read), and the checkpoint's tokenizer files.
+runtime.generate and the Node/web hosts read), the checkpoint's tokenizer files, and with
+--target genai a genai_config.json for onnxruntime-genai (genai_config.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import onnx
@@ -25,6 +28,7 @@ from ..errors import ScanExportError
 # The contract's names live with its reader.
 from ..runtime.contract import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, MODEL_FILE, TOKENIZER_FILES
 from .checkpoint import resolve_checkpoint
+from .genai_config import GENAI_CONFIG_FILE, genai_config
 from .output_dir import plan_output_dir, staged_output
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
@@ -34,6 +38,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16"}
 # appeared. State inputs are the ones `state` names. 3: `files` lists every file the export wrote
 # (a later export into the same directory removes exactly those).
 FORMAT_VERSION = 3
+# The genai target's logits_to_keep default: every position, the logits shape genai binds.
+GENAI_LOGITS_TO_KEEP = 0
 
 
 def state_names(num_layers: int) -> list[tuple[str, str]]:
@@ -45,14 +51,15 @@ def state_names(num_layers: int) -> list[tuple[str, str]]:
     return names
 
 
-def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
+def add_logits_to_keep(model: onnx.ModelProto, default: int | None = None) -> onnx.ModelProto:
     """Give the graph transformers' logits_to_keep: an int64 scalar input; 0 keeps every position's
     logits, k > 0 restricts the lm_head to the last k positions.
 
     Generation needs only the last position's logits after a prefill; computing all of them costs
     a (l, hidden) x (hidden, vocab) MatMul (15% of a 130m prefill at l = 512) and an (l, vocab)
     output (100 MB at l = 512). It is a plain required input, not an initializer-backed default:
-    onnxruntime-web 1.30 refuses to feed those ("invalid input")."""
+    onnxruntime-web 1.30 refuses to feed those ("invalid input"). default (the genai target only)
+    backs it with an initializer for hosts that never feed it (onnxruntime-genai)."""
     from onnx import TensorProto, helper
 
     from .lowering.graph_builder import INT64_MAX, GraphBuilder
@@ -73,8 +80,56 @@ def add_logits_to_keep(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes[:at] + gb.nodes + nodes[at:])
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
+    if default is not None:
+        graph.initializer.append(helper.make_tensor(LOGITS_TO_KEEP, TensorProto.INT64, [], [default]))
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].dim_param = "logits_len"
+    return model
+
+
+def _value_infos(graph: onnx.GraphProto):
+    """Every ValueInfoProto of a graph and of its subgraphs (Scan / Loop / If bodies)."""
+    yield from (*graph.input, *graph.output, *graph.value_info)
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in (attr.g,) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _value_infos(g)
+
+
+def name_dims(model: onnx.ModelProto, description: dict) -> onnx.ModelProto:
+    """Name each dynamic dim of the graph's inputs and outputs as the description does (batch,
+    seqlen, logits_len), and rename the same symbols everywhere else in the graph.
+
+    Hosts that match dimension names (onnxruntime-genai, free-dimension overrides) need one name
+    per axis. torch's exporter takes the names from dynamic_shapes; this pass maps whatever symbol
+    sits where the description has a name, so it holds even if the exporter leaves `s41`-style
+    symbols, and raises (a bug, not a user mistake) if a dim the description calls dynamic came out
+    fixed, or if one symbol stands for two names."""
+    want = {v["name"]: v["shape"] for v in (*description["inputs"], *description["outputs"])}
+    rename = {}
+    for v in (*model.graph.input, *model.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        shape = want[v.name]
+        if len(dims) != len(shape):
+            raise RuntimeError(f"graph {v.name} has rank {len(dims)}, the description says {shape}")
+        for d, w in zip(dims, shape):
+            if not isinstance(w, str):
+                if d.dim_value != w:
+                    raise RuntimeError(f"graph {v.name} has shape {dims}, the description says {shape}")
+            elif d.HasField("dim_value"):
+                raise RuntimeError(f"graph {v.name}: the exporter fixed the {w} dim at {d.dim_value}")
+            elif not d.dim_param:
+                d.dim_param = w
+            elif rename.setdefault(d.dim_param, w) != w:
+                raise RuntimeError(f"graph symbol {d.dim_param!r} stands for both {rename[d.dim_param]} and {w}")
+    rename = {old: new for old, new in rename.items() if old != new}
+    if rename:
+        # Whole symbols only, also inside expressions such as "s41*s70".
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+        for v in _value_infos(model.graph):
+            for d in v.type.tensor_type.shape.dim:
+                if d.dim_param:
+                    d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
     return model
 
 
@@ -102,7 +157,9 @@ def describe(cfg, dtype: str, target, node_count: int) -> dict:
         + [{"name": s[kind]["input"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
            for s in state for kind in ("conv_state", "ssm_state")]
         + [{"name": LOGITS_TO_KEEP, "shape": [], "dtype": "int64",
-            "meaning": "0: logits for every position; k > 0: for the last k positions only (generation needs 1)"}],
+            "meaning": "0: logits for every position; k > 0: for the last k positions only (generation needs 1)",
+            # genai target: a host may leave it unfed (onnxruntime-genai does; the web host must).
+            **({"default": GENAI_LOGITS_TO_KEEP} if target.genai else {})}],
         "outputs": [{"name": "logits", "shape": ["batch", "logits_len", cfg.vocab_size], "dtype": dtype,
                      "meaning": "logits_len = seqlen, or min(logits_to_keep, seqlen) when logits_to_keep > 0"}]
         + [{"name": s[kind]["output"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
@@ -154,18 +211,24 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     model = load_mamba_lm(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
     cfg = model.cfg
     names = state_names(cfg.num_hidden_layers)
-    dyn = torch.export.Dim.DYNAMIC
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
     example_state = model.zero_state(2)
-    dynamic_shapes = ({0: dyn, 1: dyn}, tuple({0: dyn} for _ in example_state))  # forward(ids, *states)
+    # forward(ids, *states). Named axes: torch's exporter writes these names into the graph (and
+    # name_dims below enforces them); with Dim.DYNAMIC it leaves a symbol per input (s41, s3, ...).
+    dynamic_shapes = ({0: "batch", 1: "seqlen"}, tuple({0: "batch"} for _ in example_state))
     with staged_output(plan) as staging:  # SIGTERM/SIGHUP raise from here on, so staging is always cleaned up
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # Every state's batch is the same symbol as input_ids' batch, so torch warns that it
+            # "will not use" the name batch for them: it already does.
+            warnings.filterwarnings("ignore", message=r".*will not be used, since it shares the same shape constraints")
             proto = export(
                 model, (example_ids, *example_state), dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
                 lowering=lowering, scan_form=scan_form,
                 input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
             )
-        add_logits_to_keep(proto)
+        add_logits_to_keep(proto, default=GENAI_LOGITS_TO_KEEP if tgt.genai else None)
+        description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
+        name_dims(proto, description)
         onnx.checker.check_model(proto, full_check=True)
         path = staging / MODEL_FILE
         if _initializer_bytes(proto) > external_data_bytes:
@@ -174,10 +237,12 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
             onnx.checker.check_model(str(path), full_check=True)
         else:
             onnx.save_model(proto, str(path))
-        description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
         description["lowering"] = lowering
         if cfg.model_type != "mamba2":
             description["scan_form"] = scan_form
+        if tgt.genai:
+            genai = genai_config(description, MODEL_FILE, checkpoint_dir)
+            (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2))
         for name in TOKENIZER_FILES:
             src = Path(checkpoint_dir) / name
             if src.is_file():

@@ -6,7 +6,7 @@ refuses IR > 10 and opset > 21. Our lowerings need opset >= 18 (Pad/ReduceMax wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import ScanExportError
 
@@ -19,6 +19,10 @@ class Target:
     ir_version: int
     opset: int
     note: str
+    # onnxruntime-genai loads the export as it is: logits_to_keep gets a default (genai never feeds
+    # it) and export_model writes genai_config.json. Off elsewhere: onnxruntime-web 1.30 refuses
+    # to be fed an input that has a default.
+    genai: bool = False
 
 
 TARGETS = {
@@ -29,6 +33,8 @@ TARGETS = {
         Target("node-1.30", 10, 21, "onnxruntime-node 1.30 (refuses IR > 13)"),
         Target("web-1.30", 10, 21, "onnxruntime-web 1.30 (refuses IR > 13)"),
         Target("ort-1.32", 13, 27, "onnxruntime 1.32: opset 27 LinearAttention / CausalConvWithState (native)"),
+        Target("genai", 10, 21, "onnxruntime-genai >= 0.18 (and onnxruntime >= 1.18 hosts other than the web)",
+               genai=True),
     )
 }
 # How Mamba-1 scans are lowered (lowering/selective_scan.py): a Scan over time steps, or a Loop
@@ -60,4 +66,4 @@ def resolve_target(target: str = DEFAULT_TARGET, opset: int | None = None, ir_ve
                          f"uses opset {opset} ({base.note}); use --target {' or '.join(able)}, or --lowering portable")
     if ir_version is None and opset > 21 and base.ir_version < 13:
         ir_version = 13  # opset 22..27 models need IR 13
-    return Target(base.name, base.ir_version if ir_version is None else ir_version, opset, base.note)
+    return replace(base, ir_version=base.ir_version if ir_version is None else ir_version, opset=opset)
