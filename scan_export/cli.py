@@ -162,32 +162,41 @@ def generate_options(args) -> dict:
 def cmd_generate(args):
     import json
 
+    from .errors import ScanExportError
     from .runtime.generate import ExportedMamba, generate
+    from .runtime.streaming import TextStream
     from .runtime.tokenizer import load_tokenizer
 
     model = ExportedMamba(args.export_dir, args.provider)
-    tokenizer = load_tokenizer(args.export_dir, required=args.prompt is not None)
     if args.prompt is not None:
+        tokenizer = load_tokenizer(args.export_dir, required=True, needed_by="--prompt")
         ids = tokenizer.encode(args.prompt).ids
+        if not ids:
+            raise ScanExportError(f"--prompt {args.prompt!r} encodes to no tokens; expected text giving at least one token")
     else:
+        tokenizer = None  # ids in, ids out: --input-ids never reads tokenizer.json (nor trips on a bad one)
         try:
             ids = [int(t) for t in args.input_ids.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+            raise ScanExportError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+        if not ids:
+            raise ScanExportError(f"--input-ids needs at least one token id, got {args.input_ids!r}")
     opts = generate_options(args)
     if opts["stop_token_id"] is None:
         opts["stop_token_id"] = model.description.get("eos_token_id")
 
+    # Text streams through incremental detokenization: a token alone can be half a character or
+    # lose its leading space; what is printed, joined, is exactly the --json text.
+    text_stream = TextStream(tokenizer) if tokenizer is not None else None
+
     def stream(_row, tok):
-        piece = tokenizer.decode([tok]) if tokenizer else f"{tok} "
-        print(piece, end="", flush=True)
+        print(text_stream.put(tok) if text_stream else f"{tok} ", end="", flush=True)
 
     (tokens,) = generate(model, [ids], args.max_new_tokens, on_token=None if args.json else stream, **opts)
-    text = tokenizer.decode(tokens) if tokenizer else None
     if args.json:
-        print(json.dumps({"tokens": tokens, "text": text}))
+        print(json.dumps({"tokens": tokens, "text": tokenizer.decode(tokens) if tokenizer else None}))
     else:
-        print()
+        print(text_stream.end() if text_stream else "")
     return 0
 
 
