@@ -102,23 +102,26 @@ class ExportedMamba:
         return [np.zeros([batch if d == "batch" else d for d in s["shape"]], NP_DTYPES[s["dtype"]])
                 for s in self.state_inputs]
 
-    def check_ids(self, input_ids: np.ndarray, name: str = "input_ids") -> np.ndarray:
-        """input_ids: (b, l) integers in [0, vocab_size) -> int64 (b, l); ScanExportError naming `name`."""
+    def check_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        """input_ids: (b, l) integers in [0, vocab_size) -> int64 (b, l); else ScanExportError."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[1] < 1:
-            raise ScanExportError(f"{name} must be (batch, seqlen) with seqlen >= 1, got shape {ids.shape}")
+            raise ScanExportError(f"input_ids must be (batch, seqlen) with seqlen >= 1, got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise ScanExportError(f"{name} must be integers, got dtype {ids.dtype}")
+            raise ScanExportError(f"input_ids must be integers, got dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = int(ids.max()) if ids.max() >= self.vocab_size else int(ids.min())
-            raise ScanExportError(f"{name} must lie in [0, {self.vocab_size}) (vocab_size), got token id {bad}")
+            raise ScanExportError(f"input_ids must lie in [0, {self.vocab_size}) (vocab_size), got token id {bad}")
         return ids.astype(np.int64)
 
     def forward(self, input_ids, state: list[np.ndarray], logits_to_keep: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
         """input_ids: (b, l) -> logits: (b, l, V) float32, and the state after the last position.
 
+        state: zero_state(b) for a new sequence, or what the previous forward() returned (the
+        arrays of scan_export.json's state inputs, in their order; never modified in place).
         logits_to_keep: 0 for every position's logits, k > 0 for the last k only (transformers'
-        convention); a prefill for generation needs 1, and skips most of the lm_head."""
+        convention); a prefill for generation needs 1, and skips most of the lm_head.
+        Thread-safe: concurrent calls each carry their own state."""
         ids = self.check_ids(input_ids)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
             raise ScanExportError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
@@ -133,7 +136,11 @@ class ExportedMamba:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Greedy when do_sample is False; otherwise temperature, then top-k, then top-p, seeded."""
+    """Greedy when do_sample is False; otherwise temperature, then top-k, then top-p, seeded.
+
+    temperature > 0 divides the logits; top_k: keep the k best (0 = all); top_p in (0, 1]: keep the
+    smallest set of best tokens whose probability reaches p; seed: the generator's seed, one per
+    generate() call (None = fresh entropy). Frozen, so one Sampling may be shared between threads."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -309,16 +316,15 @@ def generate_text(model: ExportedMamba, prompts, max_new_tokens: int, *,
     """
     tokenizer = model.require_tokenizer("generate_text")
     rows = as_prompts(model, prompts)
-    on_token = None
-    if on_text is not None:
-        streams = TextStreams(tokenizer, len(rows))
+    streams = TextStreams(tokenizer, len(rows)) if on_text is not None else None
 
-        def on_token(row, tok):
-            if piece := streams.put(row, tok):
-                on_text(row, piece)
+    def stream(row, tok):
+        if piece := streams.put(row, tok):
+            on_text(row, piece)
 
-    tokens = generate(model, rows, max_new_tokens, sampling=sampling, stop_token_id=stop_token_id, on_token=on_token)
-    if on_text is not None:
+    tokens = generate(model, rows, max_new_tokens, sampling=sampling, stop_token_id=stop_token_id,
+                      on_token=stream if streams else None)
+    if streams:
         for row, piece in enumerate(streams.end()):
             if piece:
                 on_text(row, piece)
