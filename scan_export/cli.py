@@ -296,16 +296,21 @@ def parse_input_ids(text: str, vocab_size: int) -> list[int]:
 def cmd_generate(args):
     import json
 
-    from .runtime.generate import ExportedMamba, generate
+    from .runtime.streaming import TextStream
     from .runtime.tokenizer import load_tokenizer
 
     if args.engine == "genai":  # the same interface, run by onnxruntime-genai
-        from .runtime.genai import GenaiModel as ExportedMamba, generate_genai as generate
-    model = ExportedMamba(args.export_dir, args.provider)
-    tokenizer = load_tokenizer(args.export_dir, required=args.prompt is not None)
-    if args.prompt is not None:
-        ids = tokenizer.encode(args.prompt).ids
+        from .runtime.genai import GenaiModel as model_class, generate_genai as generate
     else:
+        from .runtime.generate import ExportedMamba as model_class, generate
+    model = model_class(args.export_dir, args.provider)
+    if args.prompt is not None:
+        tokenizer = load_tokenizer(args.export_dir, required=True, needed_by="--prompt")
+        ids = tokenizer.encode(args.prompt).ids
+        if not ids:
+            raise ScanExportError(f"--prompt {args.prompt!r} encodes to no tokens; expected text giving at least one token")
+    else:
+        tokenizer = None  # ids in, ids out: --input-ids never reads tokenizer.json (nor trips on a bad one)
         ids = parse_input_ids(args.input_ids, model.vocab_size)
     opts = generate_options(args)
     if opts["stop_token_id"] is not None and opts["stop_token_id"] >= model.vocab_size:
@@ -314,16 +319,18 @@ def cmd_generate(args):
     if opts["stop_token_id"] is None:
         opts["stop_token_id"] = model.description.get("eos_token_id")
 
+    # Text streams through incremental detokenization: a token alone can be half a character or
+    # lose its leading space; what is printed, joined, is exactly the --json text.
+    text_stream = TextStream(tokenizer) if tokenizer is not None else None
+
     def stream(_row, tok):
-        piece = tokenizer.decode([tok]) if tokenizer else f"{tok} "
-        print(piece, end="", flush=True)
+        print(text_stream.put(tok) if text_stream else f"{tok} ", end="", flush=True)
 
     (tokens,) = generate(model, [ids], args.max_new_tokens, on_token=None if args.json else stream, **opts)
-    text = tokenizer.decode(tokens) if tokenizer else None
     if args.json:
-        print(json.dumps({"tokens": tokens, "text": text}))
+        print(json.dumps({"tokens": tokens, "text": tokenizer.decode(tokens) if tokenizer else None}))
     else:
-        print()
+        print(text_stream.end() if text_stream else "")
     return 0
 
 

@@ -1,12 +1,19 @@
 """Generation over an exported Mamba LM: prefill, then one token per step, state carried explicitly.
 
-numpy + onnxruntime only. The I/O contract comes from OUT_DIR/scan_export.json (docs/deploy.md).
-Ragged batches: prompts are prefilled in groups of equal length (no padding ever enters a
-recurrent state), their states are stacked, and decoding runs as one batch.
+numpy + onnxruntime only (tokenizers for text). The I/O contract comes from OUT_DIR/scan_export.json
+(docs/deploy.md). Ragged batches: prompts are prefilled in groups of equal length (no padding ever
+enters a recurrent state), their states are stacked, and decoding runs as one batch.
+
+    from scan_export.runtime import ExportedMamba, Sampling, generate
+    model = ExportedMamba("out")                       # share it between threads freely
+    generate(model, "Hello", 20)                       # -> [[new ids]] (needs out/tokenizer.json)
+    generate(model, [[5, 6, 7], [9, 10]], 20)          # -> [[...], [...]], one row per prompt
+    generate_text(model, ["Hello", "Bonjour"], 20)     # -> ["...", "..."], the new text per prompt
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +21,34 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import ScanExportError, describe_value
 from .contract import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, read_description  # noqa: F401 (re-exported)
 from .session import make_session
+from .streaming import TextStreams
+from .tokenizer import load_tokenizer
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+PROMPTS_EXPECTED = ("a str, a list of str, token ids (a list of ints or a 1-D integer array), or one row of "
+                    "token ids per prompt (a list of lists of ints or a 2-D integer array)")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 class ExportedMamba:
-    """An export directory loaded on one onnxruntime provider."""
+    """An export directory loaded on one onnxruntime provider.
+
+    export_dir: a `scan-export export-model` output (scan_export.json, model.onnx, maybe
+    tokenizer.json). provider: "cpu" or "cuda" (asserted, never a silent fallback). threads:
+    onnxruntime intra-op threads (None = its default).
+
+    Thread-safe: one instance may serve many threads at once (generate, generate_text, forward).
+    It keeps no per-call state: onnxruntime's InferenceSession.run may be called concurrently,
+    each generate() call carries its own state and random generator, and the tokenizer is loaded
+    once under a lock. Measured: 4 threads generating different prompts on one instance give the
+    tokens they give one after another (tests/test_runtime_api.py).
+    """
 
     def __init__(self, export_dir, provider: str = "cpu", threads: int | None = None):
         export_dir = Path(export_dir)
@@ -34,6 +61,27 @@ class ExportedMamba:
         self.state_outputs = [o["name"] for o in self.description["outputs"] if o["name"] != "logits"]
         # Exports before format version 2 have no logits_to_keep input; forward() slices instead.
         self.takes_logits_to_keep = any(i["name"] == LOGITS_TO_KEEP for i in self.description["inputs"])
+        # tokenizer.json is read on first use only, so token-id callers never need it (nor a sound one).
+        self._tokenizer = None
+        self._tokenizer_loaded = False
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def tokenizer(self):
+        """The export's tokenizers.Tokenizer, loaded on first use; None when the export has no
+        tokenizer.json. A corrupt file raises ScanExportError naming it, here and not before."""
+        with self._tokenizer_lock:
+            if not self._tokenizer_loaded:
+                self._tokenizer = load_tokenizer(self.export_dir)
+                self._tokenizer_loaded = True
+        return self._tokenizer
+
+    def require_tokenizer(self, needed_by: str):
+        """self.tokenizer, or ScanExportError saying that needed_by needs the missing tokenizer.json."""
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            load_tokenizer(self.export_dir, required=True, needed_by=needed_by)  # raises the one message
+        return tokenizer
 
     def zero_state(self, batch: int) -> list[np.ndarray]:
         """The state a new sequence starts from: zeros, in the graph's input order."""
@@ -41,24 +89,28 @@ class ExportedMamba:
                 for s in self.state_inputs]
 
     def check_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        """input_ids: (b, l) integers in [0, vocab_size) -> int64 (b, l); else ScanExportError."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be (batch, seqlen) with seqlen >= 1, got shape {ids.shape}")
+            raise ScanExportError(f"input_ids must be (batch, seqlen) with seqlen >= 1, got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+            raise ScanExportError(f"input_ids must be integers, got dtype {ids.dtype}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             bad = int(ids.max()) if ids.max() >= self.vocab_size else int(ids.min())
-            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}) (vocab_size), got token id {bad}")
+            raise ScanExportError(f"input_ids must lie in [0, {self.vocab_size}) (vocab_size), got token id {bad}")
         return ids.astype(np.int64)
 
     def forward(self, input_ids, state: list[np.ndarray], logits_to_keep: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
         """input_ids: (b, l) -> logits: (b, l, V) float32, and the state after the last position.
 
+        state: zero_state(b) for a new sequence, or what the previous forward() returned (the
+        arrays of scan_export.json's state inputs, in their order; never modified in place).
         logits_to_keep: 0 for every position's logits, k > 0 for the last k only (transformers'
-        convention); a prefill for generation needs 1, and skips most of the lm_head."""
+        convention); a prefill for generation needs 1, and skips most of the lm_head.
+        Thread-safe: concurrent calls each carry their own state."""
         ids = self.check_ids(input_ids)
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
+            raise ScanExportError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
         feeds = {"input_ids": ids, **{s["name"]: v for s, v in zip(self.state_inputs, state)}}
         if self.takes_logits_to_keep:
             feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
@@ -70,7 +122,11 @@ class ExportedMamba:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Greedy when do_sample is False; otherwise temperature, then top-k, then top-p, seeded."""
+    """Greedy when do_sample is False; otherwise temperature, then top-k, then top-p, seeded.
+
+    temperature > 0 divides the logits; top_k: keep the k best (0 = all); top_p in (0, 1]: keep the
+    smallest set of best tokens whose probability reaches p; seed: the generator's seed, one per
+    generate() call (None = fresh entropy). Frozen, so one Sampling may be shared between threads."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -80,11 +136,11 @@ class Sampling:
 
     def __post_init__(self):
         if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            raise ScanExportError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ScanExportError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise ScanExportError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
@@ -125,19 +181,94 @@ def prefill(model: ExportedMamba, prompts: list[list[int]]) -> tuple[np.ndarray,
     return last_logits, state
 
 
-def generate(model: ExportedMamba, prompts: list[list[int]], max_new_tokens: int, *,
+def as_prompts(model: ExportedMamba, prompts) -> list[list[int]]:
+    """Every form generate() takes -> one list of token ids per prompt (checked against the vocab).
+
+    A str (or a list of str) goes through model.tokenizer; a flat list of ints or a 1-D integer
+    array is one prompt; a list of lists of ints or a 2-D integer array is one prompt per row."""
+    if isinstance(prompts, str):
+        return [_encode(model, prompts, 0)]
+    if isinstance(prompts, np.ndarray):
+        if not np.issubdtype(prompts.dtype, np.integer):
+            raise ScanExportError(f"prompts: expected {PROMPTS_EXPECTED}, got a numpy array of dtype {prompts.dtype}")
+        if prompts.ndim not in (1, 2):
+            raise ScanExportError(f"prompts: expected {PROMPTS_EXPECTED}, got a {prompts.ndim}-D array of shape {prompts.shape}")
+        rows = [prompts] if prompts.ndim == 1 else list(prompts)
+    elif isinstance(prompts, (list, tuple)) and prompts:
+        first = prompts[0]
+        if _is_int(first):
+            rows = [prompts]
+        elif isinstance(first, str):
+            rows = []
+            for row, p in enumerate(prompts):
+                if not isinstance(p, str):
+                    raise ScanExportError(f"prompts: a list of str has item {row} = {describe_value(p)}; expected a str")
+                rows.append(_encode(model, p, row))
+        elif isinstance(first, (list, tuple, np.ndarray)):
+            rows = list(prompts)
+        else:
+            raise ScanExportError(f"prompts: expected {PROMPTS_EXPECTED}, got {describe_value(prompts)}")
+    else:
+        raise ScanExportError(f"prompts: expected {PROMPTS_EXPECTED}, got {describe_value(prompts)}")
+    return [_token_row(model, p, row) for row, p in enumerate(rows)]
+
+
+def _encode(model: ExportedMamba, text: str, row: int) -> list[int]:
+    ids = model.require_tokenizer("a str in prompts").encode(text).ids
+    if not ids:
+        raise ScanExportError(f"prompts: prompt {row} is empty: {describe_value(text)} encodes to no tokens; "
+                              f"expected at least one token")
+    return ids
+
+
+def _token_row(model: ExportedMamba, p, row: int) -> list[int]:
+    """One prompt's ids as a list of ints, or ScanExportError naming prompts, the row and the culprit."""
+    if isinstance(p, np.ndarray):
+        if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer):
+            raise ScanExportError(f"prompts: prompt {row} should be a 1-D integer array, got shape {p.shape} dtype {p.dtype}")
+        p = p.tolist()
+    elif not isinstance(p, (list, tuple)):
+        raise ScanExportError(f"prompts: prompt {row} should be a list of token ids like the ones before it, "
+                              f"got {describe_value(p)}")
+    if len(p) == 0:
+        raise ScanExportError(f"prompts: prompt {row} is empty; every prompt needs at least one token, got {list(p)}")
+    for i, t in enumerate(p):
+        if not _is_int(t):
+            raise ScanExportError(f"prompts: prompt {row} has {describe_value(t)} at position {i}; expected int token ids")
+    ids = [int(t) for t in p]
+    bad = next((t for t in ids if not 0 <= t < model.vocab_size), None)
+    if bad is not None:
+        raise ScanExportError(f"prompts: prompt {row}: input_ids must lie in [0, {model.vocab_size}) (vocab_size), "
+                              f"got token id {bad}")
+    return ids
+
+
+def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
              sampling: Sampling = Sampling(), stop_token_id: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """New tokens for each prompt (a stop token, when hit, is the last one returned).
+    """The new token ids of each prompt: always list[list[int]], one row per prompt, in order, the
+    prompt itself not included (a stop token, when hit, is the last one of its row).
 
-    on_token(row, token_id) streams each token as it is chosen.
+    prompts: one prompt or a batch, as
+      - str, or list[str] (b prompts): encoded with model.tokenizer (the export's tokenizer.json);
+      - list[int] or a 1-D integer array (l,): one prompt of token ids -> one row back;
+      - list[list[int]] (ragged allowed) or a 2-D integer array (b, l): one prompt per row.
+      Ids lie in [0, model.vocab_size); every prompt has at least one token.
+    max_new_tokens: int >= 0, the most tokens added to each row.
+    sampling: greedy by default; Sampling(do_sample=True, ..., seed=S) samples reproducibly.
+    stop_token_id: a row ends after producing it (None: rows run to max_new_tokens).
+    on_token(row, token_id): called for each token as it is chosen, on the calling thread; for text,
+      feed it a streaming.TextStreams (or use generate_text with on_text).
+
+    Thread-safe: many threads may call generate on one shared model at once (see ExportedMamba).
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    for row, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token")
-        model.check_ids(np.array([prompt]))
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ScanExportError(f"max_new_tokens must be an int >= 0, got {describe_value(max_new_tokens)}")
+    if stop_token_id is not None and not _is_int(stop_token_id):
+        raise ScanExportError(f"stop_token_id must be an int token id or None, got {describe_value(stop_token_id)}")
+    if not isinstance(sampling, Sampling):
+        raise ScanExportError(f"sampling must be a Sampling(...), got {describe_value(sampling)}")
+    prompts = as_prompts(model, prompts)
     rng = np.random.default_rng(sampling.seed)
     out = [[] for _ in prompts]
     if max_new_tokens == 0 or not prompts:
@@ -158,3 +289,29 @@ def generate(model: ExportedMamba, prompts: list[list[int]], max_new_tokens: int
         step_logits, state = model.forward(tokens[:, None], state)
         logits = step_logits[:, -1]
     return out
+
+
+def generate_text(model: ExportedMamba, prompts, max_new_tokens: int, *,
+                  sampling: Sampling = Sampling(), stop_token_id: int | None = None,
+                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """generate(), decoded: the new text of each prompt, list[str] with one entry per prompt.
+
+    Takes the prompts generate() takes and needs the export's tokenizer.json. on_text(row, piece)
+    streams each row's text as it becomes stable (streaming.TextStream); a row's pieces joined equal
+    its returned text. Thread-safe as generate() is.
+    """
+    tokenizer = model.require_tokenizer("generate_text")
+    rows = as_prompts(model, prompts)
+    streams = TextStreams(tokenizer, len(rows)) if on_text is not None else None
+
+    def stream(row, tok):
+        if piece := streams.put(row, tok):
+            on_text(row, piece)
+
+    tokens = generate(model, rows, max_new_tokens, sampling=sampling, stop_token_id=stop_token_id,
+                      on_token=stream if streams else None)
+    if streams:
+        for row, piece in enumerate(streams.end()):
+            if piece:
+                on_text(row, piece)
+    return [tokenizer.decode(t) for t in tokens]
