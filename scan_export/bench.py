@@ -124,8 +124,11 @@ def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 MODEL_CONFIGS = {("mamba", "tiny"): "TINY", ("mamba", "130m"): "MAMBA_130M",
-                 ("mamba2", "tiny"): "TINY", ("mamba2", "130m"): "MAMBA2_130M"}
-HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
+                 ("mamba2", "tiny"): "TINY", ("mamba2", "130m"): "MAMBA2_130M",
+                 ("bamba", "tiny"): "TINY_BAMBA", ("granitemoehybrid", "tiny"): "TINY_GRANITE",
+                 ("granitemoehybrid", "130m"): "GRANITE_130M", ("granitemoehybrid", "130m-32e"): "GRANITE_130M_32E"}
+HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM",
+            "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
 
 
 def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens: int = 32, repeats: int = 3,
@@ -209,9 +212,14 @@ def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens:
                 ort_steps.extend(ort_step_times())
             hf_decode, ort_decode_ms = (1e3 * float(np.median(t)) for t in (hf_steps, ort_steps))
             weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # tied lm_head counted once
-            floor_ms = weight_bytes / (results["bandwidth_gbs"] * 1e9) * 1e3
+            # A decode step reads the routed experts only: k of E of every expert matrix.
+            experts = getattr(hf.config, "num_local_experts", 0) or 0
+            expert_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if ".experts." in n)
+            active_bytes = weight_bytes - expert_bytes * (1 - hf.config.num_experts_per_tok / experts) if experts else weight_bytes
+            floor_ms = active_bytes / (results["bandwidth_gbs"] * 1e9) * 1e3
             results["models"].append({
-                "config": name, "params_m": round(weight_bytes / 4e6, 1),
+                "config": name, "params_m": round(weight_bytes / 4e6, 1), "active_params_m": round(active_bytes / 4e6, 1),
+                "experts": experts or None, "experts_per_token": getattr(hf.config, "num_experts_per_tok", None) if experts else None,
                 "prefill_ms": {"transformers": hf_prefill, "onnxruntime": ort_prefill},
                 "prefill_tokens_per_s": {"transformers": prefill_len / hf_prefill * 1e3,
                                          "onnxruntime": prefill_len / ort_prefill * 1e3},
@@ -232,7 +240,9 @@ def format_model_bench(results: dict) -> str:
              f"decode {results['decode_tokens']} tokens"]
     for m in results["models"]:
         lines += [
-            f"\n{m['config']} ({m['params_m']} M params)",
+            f"\n{m['config']} ({m['params_m']} M params"
+            + (f", {m['experts']} experts top-{m['experts_per_token']}, {m['active_params_m']} M active per token"
+               if m.get("experts") else "") + ")",
             f"  {'':<28} {'transformers':>14} {'onnxruntime':>14} {'ratio':>8}",
             f"  {'prefill ms (last logits)':<28} {m['prefill_ms']['transformers']:>14.1f} "
             f"{m['prefill_ms']['onnxruntime']:>14.1f} {m['prefill_speedup']:>7.2f}x",

@@ -6,6 +6,7 @@ verifies against transformers, and prints a short report.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ def check_workdir(workdir) -> None:
 def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=None) -> bool:
     from .onnx.model_export import export_model
     from .runtime.generate import ExportedMamba, generate
-    from .tiny import TINY, make_tiny_checkpoint
+    from .tiny import make_tiny_checkpoint
     from .verify import verify_export
 
     out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
@@ -47,8 +48,9 @@ def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=No
         say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
         t0 = time.perf_counter()
         ckpt = make_tiny_checkpoint(root / "checkpoint", model_type)
-        say(f"1. checkpoint   {ckpt}  ({model_type}, {TINY['num_hidden_layers']} layers, "
-            f"hidden {TINY['hidden_size']}, vocab {TINY['vocab_size']}, random seed 0)")
+        cfg = json.loads((ckpt / "config.json").read_text())
+        say(f"1. checkpoint   {ckpt}  ({model_type}, {cfg['num_hidden_layers']} layers, "
+            f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}, random seed 0)")
         t1 = time.perf_counter()
         export_dir = export_model(ckpt, root / "export")
         model = ExportedMamba(export_dir, "cpu")

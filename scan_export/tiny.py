@@ -13,6 +13,25 @@ MAMBA_130M = dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_l
 # Shaped like state-spaces/mamba2-130m: 24 heads of 64, d_state 128, one group.
 MAMBA2_130M = dict(vocab_size=50280, hidden_size=768, state_size=128, num_hidden_layers=24, conv_kernel=4, expand=2,
                    num_heads=24, head_dim=64, n_groups=1, chunk_size=256)
+# Hybrids: 4 layers, attention at layer 1 (one attention layer between Mamba-2 layers), GQA 4:2.
+TINY_HYBRID = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+                   mamba_chunk_size=16, tie_word_embeddings=False)
+TINY_BAMBA = dict(TINY_HYBRID, intermediate_size=96, attn_layer_indices=[1])
+TINY_GRANITE = dict(TINY_HYBRID, intermediate_size=32, shared_intermediate_size=48, num_local_experts=4,
+                    num_experts_per_tok=2, layer_types=["mamba", "attention", "mamba", "mamba"],
+                    position_embedding_type="rope", embedding_multiplier=12.0, logits_scaling=4.0,
+                    residual_multiplier=0.5, attention_multiplier=0.125)
+# Shaped like ibm-granite/granite-4.0-h-micro's blocks at 130m scale (random weights, for benchmarks only):
+# 24 layers with attention every 6th, 24 Mamba-2 heads of 64, d_state 128; MoE with 8 experts, top 2.
+GRANITE_130M = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, num_attention_heads=12,
+                    num_key_value_heads=4, mamba_n_heads=24, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+                    mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256, intermediate_size=512,
+                    shared_intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2,
+                    layer_types=["attention" if i % 6 == 5 else "mamba" for i in range(24)],
+                    position_embedding_type=None, tie_word_embeddings=True)
+GRANITE_130M_32E = dict(GRANITE_130M, num_local_experts=32)  # the same, 4x the experts, same top-k
+HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE}
 
 
 def _transformers():
@@ -24,7 +43,7 @@ def _transformers():
 
 
 def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen: bool = True, **overrides) -> Path:
-    """Save a random MambaForCausalLM / FalconMambaForCausalLM to path and return path.
+    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid model to path and return path.
 
     sharpen: HF's init gives near-uniform logits, so greedy decoding of a random model repeats one
     token and proves little. Larger projection weights give varied, well-separated tokens.
@@ -36,21 +55,31 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         "mamba": (tf.MambaConfig, tf.MambaForCausalLM),
         "falcon_mamba": (tf.FalconMambaConfig, tf.FalconMambaForCausalLM),
         "mamba2": (tf.Mamba2Config, tf.Mamba2ForCausalLM),
+        "bamba": (tf.BambaConfig, tf.BambaForCausalLM),
+        "granitemoehybrid": (tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM),
     }
     if model_type not in classes:
         raise ScanExportError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
     config_cls, model_cls = classes[model_type]
     torch.manual_seed(seed)
-    params = {**TINY, **overrides}
+    hybrid = model_type in HYBRID_DEFAULTS
+    params = {**(HYBRID_DEFAULTS[model_type] if hybrid else TINY), **overrides}
     if model_type == "mamba2":  # hidden_size · expand == num_heads · head_dim
         params = {"num_heads": 8, "head_dim": 16, "n_groups": 1, "chunk_size": 16, **params}
-    config = config_cls(**params, eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=True)
+    if not hybrid:
+        params = {"tie_word_embeddings": True, **params}
+    config = config_cls(**params, eos_token_id=None, bos_token_id=None, pad_token_id=None)
     model = model_cls(config).eval()
     if sharpen:
+        # Hybrids: every matrix (projections, MLPs, experts, router, embeddings), so that every
+        # layer, expert and head moves the tokens; never the norms, conv or scan parameters.
+        suffixes = (("in_proj.weight", "out_proj.weight", "embed_tokens.weight", "_proj.weight", "lm_head.weight",
+                     "linear.weight", "router.weight", "gate_up_proj", "down_proj") if hybrid else
+                    ("in_proj.weight", "x_proj.weight", "out_proj.weight", "embeddings.weight"))
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith(("in_proj.weight", "x_proj.weight", "out_proj.weight", "embeddings.weight")):
+                if name.endswith(suffixes) and "conv1d" not in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / p.shape[-1] ** 0.5))
     path = Path(path)
     model.save_pretrained(path)

@@ -51,8 +51,24 @@ def _load_hf(checkpoint_dir):
 
     model_type = read_hf_config(checkpoint_dir)["model_type"]
     cls = {"mamba": transformers.MambaForCausalLM, "falcon_mamba": transformers.FalconMambaForCausalLM,
-           "mamba2": transformers.Mamba2ForCausalLM}[model_type]
+           "mamba2": transformers.Mamba2ForCausalLM, "bamba": transformers.BambaForCausalLM,
+           "granitemoehybrid": transformers.GraniteMoeHybridForCausalLM}[model_type]
     return cls.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+
+
+def _compare_hybrid_cache(ours, state, cache) -> list[OutputMismatch]:
+    """Hybrid exports: Mamba-2 conv/ssm states and attention KV caches against transformers' cache."""
+    out, k = [], 0
+    for entry in ours.description["state"]:
+        layer = entry["layer"]
+        if entry["kind"] == "attention":
+            refs = [cache.layers[layer].keys, cache.layers[layer].values]
+        else:  # HF keeps the conv state (b, conv_dim, K); ours is the last K−1 columns channels-last
+            refs = [cache.get_conv_state(layer)[..., 1:].transpose(1, 2), cache.get_recurrent_state(layer)]
+        for ref in refs:
+            out.append(compare(ours.state_outputs[k], state[k], ref.float().numpy()))
+            k += 1
+    return out
 
 
 def verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS, n_tokens: int = 32,
@@ -71,7 +87,9 @@ def verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS, 
         with torch.no_grad():
             out = hf(torch.from_numpy(ids), use_cache=True)
         report.logits.append(compare(f"logits l={length}", logits, out.logits.float().numpy()))
-        if length == max(prompt_lengths):
+        if length == max(prompt_lengths) and ours.takes_attention_mask:
+            report.states += _compare_hybrid_cache(ours, state, out.cache)
+        elif length == max(prompt_lengths):
             cache = out.cache
             for layer in range(ours.description["num_layers"]):
                 # HF keeps (b, d, K), we keep the last K−1 columns channels-last: (b, K−1, d).
@@ -86,7 +104,9 @@ def verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS, 
         prompt = rng.integers(0, vocab, size=int(rng.integers(2, 12))).tolist()
         (got,) = generate(ours, [prompt], n_tokens, stop_token_id=eos)
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n_tokens, do_sample=False)[0, len(prompt):].tolist()
+            ids = torch.tensor([prompt])
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens,
+                              do_sample=False)[0, len(prompt):].tolist()
         if eos is not None and eos in ref:
             ref = ref[: ref.index(eos) + 1]
         report.tokens.append((got, ref))

@@ -13,6 +13,7 @@ from onnx import helper
 
 from .lowering.graph_builder import GraphBuilder
 from .lowering.causal_conv import emit_causal_conv
+from .lowering.moe import emit_moe_experts
 from .lowering.selective_scan import SelectiveScanConfig, emit_selective_scan
 from .lowering.ssd import SSDConfig, emit_ssd_scan
 from .output_dir import check_output_file, write_file_atomically
@@ -39,6 +40,12 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
     for k, node in enumerate(graph.node):
         if node.domain != ONNX_DOMAIN:
             new_nodes.append(node)
+            continue
+        if node.op_type == "MoeExperts":  # no opset condition: standard ops since opset 13 (Split's num_outputs: 18)
+            gb = GraphBuilder(f"moe_{k}")
+            out = emit_moe_experts(gb, *node.input, elem_type=_value_type(graph, node.input[0]))
+            gb.nodes.append(helper.make_node("Identity", [out], [node.output[0]], name=gb.name("out")))
+            new_nodes.extend(gb.nodes)
             continue
         if node.op_type not in ("SelectiveScan", "SSDScan", "CausalConv"):
             raise ScanExportError(f"unknown {ONNX_DOMAIN} node {node.op_type!r}")
@@ -73,6 +80,17 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
     del model.opset_import[:]
     model.opset_import.extend(kept)
     return model
+
+
+def _value_type(graph: onnx.GraphProto, name: str) -> int:
+    """The element type of a value of the top graph (the exporter types every value it emits)."""
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        if v.name == name:
+            return v.type.tensor_type.elem_type
+    for t in graph.initializer:
+        if t.name == name:
+            return t.data_type
+    raise RuntimeError(f"no type recorded for {name!r}")  # a bug, not a user mistake
 
 
 WRITER_KEY = "scan_export.written_by"  # metadata on every model file we write, so a re-run may replace it

@@ -26,7 +26,8 @@ import onnx
 
 from ..errors import ScanExportError
 # The contract's names live with its reader.
-from ..runtime.contract import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, MODEL_FILE, TOKENIZER_FILES
+from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, MODEL_FILE,
+                                TOKENIZER_FILES)
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
 from .output_dir import plan_output_dir, staged_output
@@ -36,8 +37,10 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 # 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner), and the input logits_to_keep
 # appeared. State inputs are the ones `state` names. 3: `files` lists every file the export wrote
-# (a later export into the same directory removes exactly those).
-FORMAT_VERSION = 3
+# (a later export into the same directory removes exactly those). 4: hybrid models (bamba,
+# granitemoehybrid): KV caches and attention_mask; every state tensor says how it starts ("init")
+# and each `state` entry its layer's "kind".
+FORMAT_VERSION = 4
 # The genai target's logits_to_keep default: every position, the logits shape genai binds.
 GENAI_LOGITS_TO_KEEP = 0
 
@@ -66,6 +69,8 @@ def add_logits_to_keep(model: onnx.ModelProto, default: int | None = None) -> on
 
     graph = model.graph
     lm_head = next(n for n in graph.node if "logits" in n.output)
+    if lm_head.op_type in ("Div", "Mul"):  # logits / logits_scaling (granite): slice before the MatMul feeding it
+        lm_head = next(n for n in graph.node if lm_head.input[0] in n.output)
     if lm_head.op_type != "MatMul":
         raise RuntimeError(f"expected the logits to come from a MatMul, got {lm_head.op_type}")  # a bug, not a user mistake
     gb = GraphBuilder("logits_to_keep")
@@ -133,20 +138,24 @@ def name_dims(model: onnx.ModelProto, description: dict) -> onnx.ModelProto:
     return model
 
 
+def mamba_state_entry(i: int, conv_shape, ssm_shape, dtype: str) -> dict:
+    return {
+        "conv_state": {"input": f"past.{i}.conv_state", "output": f"present.{i}.conv_state",
+                       "shape": ["batch", *conv_shape], "dtype": dtype, "init": "zeros",
+                       "meaning": "the last K-1 inputs of the depthwise conv, oldest first, channels last"},
+        "ssm_state": {"input": f"past.{i}.ssm_state", "output": f"present.{i}.ssm_state",
+                      "shape": ["batch", *ssm_shape], "dtype": "float32", "init": "zeros",
+                      "meaning": "the scan state h: (d_state, d_inner) for Mamba-1 (channels last), "
+                                 "(heads, head_dim, d_state) for Mamba-2"},
+    }
+
+
 def describe(cfg, dtype: str, target, node_count: int) -> dict:
     conv_shape, ssm_shape = cfg.state_shapes()
     state = []
     for i in range(cfg.num_hidden_layers):
-        state.append({
-            "layer": i,
-            "conv_state": {"input": f"past.{i}.conv_state", "output": f"present.{i}.conv_state",
-                           "shape": ["batch", *conv_shape], "dtype": dtype,
-                           "meaning": "the last K-1 inputs of the depthwise conv, oldest first, channels last"},
-            "ssm_state": {"input": f"past.{i}.ssm_state", "output": f"present.{i}.ssm_state",
-                          "shape": ["batch", *ssm_shape], "dtype": "float32",
-                          "meaning": "the scan state h: (d_state, d_inner) for Mamba-1 (channels last), "
-                                     "(heads, head_dim, d_state) for Mamba-2"},
-        })
+        state.append({"layer": i, "kind": "mamba2" if cfg.model_type == "mamba2" else "mamba",
+                      **mamba_state_entry(i, conv_shape, ssm_shape, dtype)})
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_type": cfg.model_type,
         "dtype": dtype, "ir_version": target.ir_version, "opset": target.opset, "target": target.name,
@@ -189,8 +198,9 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     """
     import torch
 
-    from ..reference.models import load_mamba_lm, read_hf_config
+    from ..reference.models import HYBRID_MODEL_TYPES, load_model, read_hf_config
     from .export import export
+    from .hybrid_contract import cache_names, describe_hybrid
 
     if dtype not in DTYPES:
         raise ScanExportError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
@@ -198,36 +208,54 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         raise ScanExportError(f"scan_form: expected one of {list(SCAN_FORMS)}, got {scan_form!r}")
     checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision)
     model_type = read_hf_config(checkpoint_dir).get("model_type")
-    if lowering not in (None, "portable") and model_type != "mamba2":
+    hybrid = model_type in HYBRID_MODEL_TYPES
+    mamba2_scans = model_type == "mamba2" or hybrid  # every hybrid here has Mamba-2 layers
+    if lowering not in (None, "portable") and not mamba2_scans:
         raise ScanExportError(f"lowering {lowering!r} applies to Mamba-2 scans only; checkpoint {str(checkpoint_dir)!r} "
                               f"is {model_type!r}, whose scan has one lowering (leave --lowering out)")
-    if scan_form is not None and model_type == "mamba2":
+    if scan_form is not None and mamba2_scans:
         raise ScanExportError(f"scan_form applies to Mamba-1 scans only; checkpoint {str(checkpoint_dir)!r} is "
-                              f"'mamba2', whose scan is always chunked (leave --scan-form out)")
+                              f"{model_type!r}, whose scan is always chunked (leave --scan-form out)")
     lowering = lowering or "portable"
     scan_form = scan_form or DEFAULT_SCAN_FORM
     tgt = resolve_target(target, opset, lowering=lowering)
+    if hybrid and tgt.genai:
+        raise ScanExportError(f"target 'genai' supports mamba, falcon_mamba and mamba2 exports; checkpoint "
+                              f"{str(checkpoint_dir)!r} is {model_type!r} (use the default target)")
     plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"})
-    model = load_mamba_lm(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
+    model = load_model(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
     cfg = model.cfg
-    names = state_names(cfg.num_hidden_layers)
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
-    example_state = model.zero_state(2)
-    # forward(ids, *states). Named axes: torch's exporter writes these names into the graph (and
-    # name_dims below enforces them); with Dim.DYNAMIC it leaves a symbol per input (s41, s3, ...).
-    dynamic_shapes = ({0: "batch", 1: "seqlen"}, tuple({0: "batch"} for _ in example_state))
+    if hybrid:
+        # A few cached positions in the example keep past_seqlen dynamic (0 and 1 would specialize).
+        names = cache_names(cfg)
+        example_past = 3
+        example_state = model.zero_state(2, past_seqlen=example_past)
+        example_args = (example_ids, torch.ones(2, example_past + example_seqlen, dtype=torch.long), *example_state)
+        kinds = [kind for _, kind, tensors in cfg.cache_layout() for _ in tensors]
+        dynamic_shapes = ({0: "batch", 1: "seqlen"}, {0: "batch", 1: "total_seqlen"},
+                          tuple({0: "batch", 2: "past_seqlen"} if k == "attention" else {0: "batch"} for k in kinds))
+        input_names = ["input_ids", ATTENTION_MASK, *(i for i, _ in names)]
+    else:
+        names = state_names(cfg.num_hidden_layers)
+        example_state = model.zero_state(2)
+        example_args = (example_ids, *example_state)
+        # forward(ids, *states). Named axes: torch's exporter writes these names into the graph (and
+        # name_dims below enforces them); with Dim.DYNAMIC it leaves a symbol per input (s41, s3, ...).
+        dynamic_shapes = ({0: "batch", 1: "seqlen"}, tuple({0: "batch"} for _ in example_state))
+        input_names = ["input_ids", *(i for i, _ in names)]
     with staged_output(plan) as staging:  # SIGTERM/SIGHUP raise from here on, so staging is always cleaned up
         with torch.no_grad(), warnings.catch_warnings():
             # Every state's batch is the same symbol as input_ids' batch, so torch warns that it
             # "will not use" the name batch for them: it already does.
             warnings.filterwarnings("ignore", message=r".*will not be used, since it shares the same shape constraints")
             proto = export(
-                model, (example_ids, *example_state), dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
+                model, example_args, dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
                 lowering=lowering, scan_form=scan_form,
-                input_names=["input_ids", *(i for i, _ in names)], output_names=["logits", *(o for _, o in names)],
+                input_names=input_names, output_names=["logits", *(o for _, o in names)],
             )
         add_logits_to_keep(proto, default=GENAI_LOGITS_TO_KEEP if tgt.genai else None)
-        description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
+        description = (describe_hybrid if hybrid else describe)(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
         name_dims(proto, description)
         onnx.checker.check_model(proto, full_check=True)
         path = staging / MODEL_FILE
@@ -238,7 +266,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         else:
             onnx.save_model(proto, str(path))
         description["lowering"] = lowering
-        if cfg.model_type != "mamba2":
+        if not mamba2_scans:
             description["scan_form"] = scan_form
         if tgt.genai:
             genai = genai_config(description, MODEL_FILE, checkpoint_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.custom_ops import CONV_INPUTS, SCAN_INPUTS, SSD_INPUTS
+from ..reference.moe_op import MOE_INPUTS
 from ..reference.selective_scan import DEFAULT_CHUNK_SIZE
 
 ONNX_DOMAIN = "scan_export"
@@ -46,10 +47,12 @@ def onnx_translation_table() -> dict:
                           {"chunk_size": INT, "dt_softplus": INT, "dt_limit_lo": FLOAT, "dt_limit_hi": FLOAT,
                            "d_per_channel": INT, "io_dtype": INT, "heads": INT})
     _register_onnx_schema("CausalConv", CONV_INPUTS, ("y", "new_state"), 3, {"kernel": INT})
+    _register_onnx_schema("MoeExperts", MOE_INPUTS, ("out",), 5, {})
     opset = onnxscript.values.Opset(ONNX_DOMAIN, 1)
     conv_node = onnxscript.values.Op(opset, "CausalConv")
     node = onnxscript.values.Op(opset, "SelectiveScan")
     ssd_node = onnxscript.values.Op(opset, "SSDScan")
+    moe_node = onnxscript.values.Op(opset, "MoeExperts")
 
     def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
                        delta_softplus: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
@@ -85,6 +88,12 @@ def onnx_translation_table() -> dict:
         state.type, state.shape = ir.TensorType(x.dtype), conv_state.shape
         return y, state
 
-    return {torch.ops.scan_export.causal_conv.default: causal_conv,
+    def moe_experts(x, top_k_index, top_k_weights, gate_up, down):
+        out = moe_node(x, top_k_index, top_k_weights, gate_up, down)
+        out.type, out.shape = ir.TensorType(x.dtype), x.shape
+        return out
+
+    return {torch.ops.scan_export.moe_experts.default: moe_experts,
+            torch.ops.scan_export.causal_conv.default: causal_conv,
             torch.ops.scan_export.selective_scan.default: selective_scan,
             torch.ops.scan_export.ssd_scan.default: ssd_scan}

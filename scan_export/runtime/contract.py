@@ -16,12 +16,14 @@ FORMAT = "scan_export/mamba-lm"
 DESCRIPTION_FILE = "scan_export.json"
 MODEL_FILE = "model.onnx"
 LOGITS_TO_KEEP = "logits_to_keep"
+ATTENTION_MASK = "attention_mask"  # hybrid exports (version 4): (batch, past_seqlen + seqlen) int64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
 # Every name an export before the `files` manifest (format version 3) could have written.
 LEGACY_FILES = [MODEL_FILE, MODEL_FILE + ".data", DESCRIPTION_FILE, *TOKENIZER_FILES]
-# 1: first; 2: Mamba-1 ssm_state channels-last, logits_to_keep input; 3: `files` lists what was written.
-SUPPORTED_VERSIONS = (1, 2, 3)
+# 1: first; 2: Mamba-1 ssm_state channels-last, logits_to_keep input; 3: `files` lists what was written;
+# 4: hybrid models (KV caches, attention_mask), state tensors say how they start ("init").
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 STATE_DTYPES = ("float32", "float16")
 REQUIRED = {"model_file": str, "model_type": str, "dtype": str, "vocab_size": int, "num_layers": int,
             "inputs": list, "outputs": list, "state": list}

@@ -1,8 +1,10 @@
-"""Generation over an exported Mamba LM: prefill, then one token per step, state carried explicitly.
+"""Generation over an exported Mamba or hybrid LM: prefill, then one token per step, state carried explicitly.
 
 numpy + onnxruntime only (tokenizers for text). The I/O contract comes from OUT_DIR/scan_export.json
 (docs/deploy.md). Ragged batches: prompts are prefilled in groups of equal length (no padding ever
-enters a recurrent state), their states are stacked, and decoding runs as one batch.
+enters a recurrent state), their states are stacked, and decoding runs as one batch. Hybrid exports
+also carry KV caches: stacking left-pads the shorter groups' caches with zeros, and the attention
+mask, carried as the last element of the state, marks those positions 0.
 
     from scan_export.runtime import ExportedMamba, Sampling, generate
     model = ExportedMamba("out")                       # share it between threads freely
@@ -22,7 +24,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ScanExportError, describe_value
-from .contract import DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, read_description  # noqa: F401 (re-exported)
+from .contract import ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, read_description  # noqa: F401 (re-exported)
+
 from .session import make_session
 from .streaming import TextStreams
 from .tokenizer import load_tokenizer
@@ -30,6 +33,12 @@ from .tokenizer import load_tokenizer
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 PROMPTS_EXPECTED = ("a str, a list of str, token ids (a list of ints or a 1-D integer array), or one row of "
                     "token ids per prompt (a list of lists of ints or a 2-D integer array)")
+
+
+def state_tensors(description: dict) -> list[dict]:
+    """Every state tensor of a description: the dicts with an "input" in each `state` entry
+    (conv_state / ssm_state for Mamba layers, key / value for attention layers)."""
+    return [t for entry in description["state"] for t in entry.values() if isinstance(t, dict) and "input" in t]
 
 
 def _is_int(x) -> bool:
@@ -56,9 +65,15 @@ class ExportedMamba:
         self.export_dir = export_dir
         self.vocab_size = int(self.description["vocab_size"])
         self.session = make_session(export_dir / self.description["model_file"], provider, threads=threads)
-        state_names = {s[kind]["input"] for s in self.description["state"] for kind in ("conv_state", "ssm_state")}
+        state_names = {t["input"] for t in state_tensors(self.description)}
         self.state_inputs = [i for i in self.description["inputs"] if i["name"] in state_names]
         self.state_outputs = [o["name"] for o in self.description["outputs"] if o["name"] != "logits"]
+        # Hybrid exports (format version 4): the graph takes attention_mask (batch, past + seqlen), and
+        # the state list ends with the mask over the cached positions, (batch, past) int64.
+        self.takes_attention_mask = any(i["name"] == ATTENTION_MASK for i in self.description["inputs"])
+        # Per state element: the axis that grows with the sequence (KV caches, the mask), or None.
+        self.seq_axes = [s["shape"].index("past_seqlen") if "past_seqlen" in s["shape"] else None
+                         for s in self.state_inputs] + ([1] if self.takes_attention_mask else [])
         # Exports before format version 2 have no logits_to_keep input; forward() slices instead.
         self.takes_logits_to_keep = any(i["name"] == LOGITS_TO_KEEP for i in self.description["inputs"])
         # tokenizer.json is read on first use only, so token-id callers never need it (nor a sound one).
@@ -84,9 +99,13 @@ class ExportedMamba:
         return tokenizer
 
     def zero_state(self, batch: int) -> list[np.ndarray]:
-        """The state a new sequence starts from: zeros, in the graph's input order."""
-        return [np.zeros([batch if d == "batch" else d for d in s["shape"]], NP_DTYPES[s["dtype"]])
-                for s in self.state_inputs]
+        """The state a new sequence starts from, in the graph's input order: zeros, KV caches with
+        past_seqlen 0, and for hybrid exports the (batch, 0) attention mask last."""
+        state = [np.zeros([batch if d == "batch" else 0 if d == "past_seqlen" else d for d in s["shape"]],
+                          NP_DTYPES[s["dtype"]]) for s in self.state_inputs]
+        if self.takes_attention_mask:
+            state.append(np.zeros((batch, 0), np.int64))
+        return state
 
     def check_ids(self, input_ids: np.ndarray) -> np.ndarray:
         """input_ids: (b, l) integers in [0, vocab_size) -> int64 (b, l); else ScanExportError."""
@@ -104,7 +123,8 @@ class ExportedMamba:
         """input_ids: (b, l) -> logits: (b, l, V) float32, and the state after the last position.
 
         state: zero_state(b) for a new sequence, or what the previous forward() returned (the
-        arrays of scan_export.json's state inputs, in their order; never modified in place).
+        arrays of scan_export.json's state inputs, in their order, then for hybrid exports the
+        attention mask over the cached positions; never modified in place).
         logits_to_keep: 0 for every position's logits, k > 0 for the last k only (transformers'
         convention); a prefill for generation needs 1, and skips most of the lm_head.
         Thread-safe: concurrent calls each carry their own state."""
@@ -112,9 +132,15 @@ class ExportedMamba:
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
             raise ScanExportError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
         feeds = {"input_ids": ids, **{s["name"]: v for s, v in zip(self.state_inputs, state)}}
+        if self.takes_attention_mask:
+            # The new tokens are always real: 1s after the cached positions' mask.
+            mask = np.concatenate([state[-1], np.ones(ids.shape, np.int64)], axis=1)
+            feeds[ATTENTION_MASK] = mask
         if self.takes_logits_to_keep:
             feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
         logits, *new_state = self.session.run(["logits", *self.state_outputs], feeds)
+        if self.takes_attention_mask:
+            new_state.append(mask)
         if logits_to_keep and not self.takes_logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return logits.astype(np.float32, copy=False), new_state
@@ -165,19 +191,34 @@ def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
 
 
 def prefill(model: ExportedMamba, prompts: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Run each group of equal-length prompts at once. -> (last logits: (b, V), state for all b rows)."""
+    """Run each group of equal-length prompts at once. -> (last logits: (b, V), state for all b rows).
+
+    Groups' states are stacked along the batch; tensors that grow with the sequence (KV caches and
+    the attention mask) are left-padded with zeros to the longest group, so the mask marks the pads 0."""
     groups = defaultdict(list)
     for row, prompt in enumerate(prompts):
         groups[len(prompt)].append(row)
     last_logits = np.zeros((len(prompts), model.vocab_size), np.float32)
-    state = None
+    parts = []
     for length, rows in groups.items():
         logits, group_state = model.forward(np.array([prompts[r] for r in rows]), model.zero_state(len(rows)), logits_to_keep=1)
         last_logits[rows] = logits[:, -1]
-        if state is None:
-            state = [np.zeros((len(prompts), *s.shape[1:]), s.dtype) for s in group_state]
-        for full, part in zip(state, group_state):
-            full[rows] = part
+        parts.append((rows, group_state))
+    state = []
+    for j, axis in enumerate(model.seq_axes or [None] * len(parts[0][1])):
+        first = parts[0][1][j]
+        shape = [len(prompts), *first.shape[1:]]
+        if axis is not None:
+            shape[axis] = max(part[j].shape[axis] for _, part in parts)
+        full = np.zeros(shape, first.dtype)
+        for rows, part in parts:
+            if axis is None:
+                full[rows] = part[j]
+            else:  # right-aligned along the sequence axis: the pads come first
+                index = [slice(None)] * full.ndim
+                index[axis] = slice(shape[axis] - part[j].shape[axis], None)
+                full[(rows, *index[1:])] = part[j]
+        state.append(full)
     return last_logits, state
 
 

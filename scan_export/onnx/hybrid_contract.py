@@ -1,0 +1,79 @@
+"""scan_export.json for hybrid exports (bamba, granitemoehybrid): Mamba-2 state for the Mamba layers,
+a KV cache for the attention layers, and the attention mask (docs/deploy.md has the host's side).
+
+  inputs   input_ids: (batch, seqlen) int64
+           attention_mask: (batch, total_seqlen) int64, total_seqlen = past_seqlen + seqlen
+           per layer i, in layer order:
+             Mamba-2:   past.{i}.conv_state (batch, K−1, conv_dim), past.{i}.ssm_state (batch, heads, head_dim, n) f32
+             attention: past_key_values.{i}.key, past_key_values.{i}.value (batch, kv_heads, past_seqlen, head_dim)
+           logits_to_keep: () int64
+  outputs  logits, then present.{i}.* in the same order; present keys/values are (batch, kv_heads, total_seqlen, head_dim)
+"""
+
+from __future__ import annotations
+
+from ..runtime.contract import ATTENTION_MASK, FORMAT, LOGITS_TO_KEEP, MODEL_FILE
+
+KV_MEANING = ("keys (after RoPE) / values of every cached position, oldest first; a new sequence starts "
+              "with past_seqlen 0; present = past followed by this call's seqlen positions (axis 2)")
+
+
+def cache_names(cfg) -> list[tuple[str, str]]:
+    """[(input, output)] of every cache tensor in graph order (HybridConfig.cache_layout's order)."""
+    names = []
+    for i, kind, tensors in cfg.cache_layout():
+        for tensor, _, _ in tensors:
+            if kind == "mamba":
+                names.append((f"past.{i}.{tensor}", f"present.{i}.{tensor}"))
+            else:
+                names.append((f"past_key_values.{i}.{tensor}", f"present.{i}.{tensor}"))
+    return names
+
+
+def describe_hybrid(cfg, dtype: str, target, node_count: int) -> dict:
+    from .model_export import FORMAT_VERSION, mamba_state_entry
+
+    conv_shape, ssm_shape = cfg.mamba.state_shapes()
+    a = cfg.attention
+    state, ins, outs = [], [], []
+    for i, kind, _ in cfg.cache_layout():
+        if kind == "mamba":
+            entry = {"layer": i, "kind": "mamba2", **mamba_state_entry(i, conv_shape, ssm_shape, dtype)}
+            tensors = [entry["conv_state"], entry["ssm_state"]]
+        else:
+            entry = {"layer": i, "kind": "attention"}
+            for t in ("key", "value"):
+                entry[t] = {"input": f"past_key_values.{i}.{t}", "output": f"present.{i}.{t}",
+                            "shape": ["batch", a.num_kv_heads, "past_seqlen", a.head_dim],
+                            "output_shape": ["batch", a.num_kv_heads, "total_seqlen", a.head_dim],
+                            "dtype": dtype, "init": "empty", "seq_axis": 2, "meaning": KV_MEANING}
+            tensors = [entry["key"], entry["value"]]
+        state.append(entry)
+        ins += [{"name": t["input"], "shape": t["shape"], "dtype": t["dtype"]} for t in tensors]
+        outs += [{"name": t["output"], "shape": t.get("output_shape", t["shape"]), "dtype": t["dtype"]} for t in tensors]
+    mask = {"name": ATTENTION_MASK, "shape": ["batch", "total_seqlen"], "dtype": "int64",
+            "meaning": "1 for every real token of the cache and every new token, 0 for padding in the KV cache "
+                       "(shorter sequences left-padded when stacked); total_seqlen = past_seqlen + seqlen; "
+                       "positions are cumsum(mask) - 1"}
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_type": cfg.model_type,
+        "dtype": dtype, "ir_version": target.ir_version, "opset": target.opset, "target": target.name,
+        "vocab_size": cfg.vocab_size, "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.mamba.intermediate_size, "state_size": cfg.mamba.state_size,
+        "conv_kernel": cfg.mamba.conv_kernel, "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id,
+        "node_count": node_count,
+        "layer_kinds": ["mamba2" if k == "mamba" else "attention" for k in cfg.layer_types],
+        "attention": {"num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim,
+                      "rope": None if a.rope is None else {"theta": a.rope.theta, "rotary_dim": a.rope.rotary_dim,
+                                                          "factor": a.rope.factor}},
+        "experts": {"num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token} if cfg.num_experts else None,
+        "inputs": [{"name": "input_ids", "shape": ["batch", "seqlen"], "dtype": "int64"}, mask, *ins,
+                   {"name": LOGITS_TO_KEEP, "shape": [], "dtype": "int64",
+                    "meaning": "0: logits for every position; k > 0: for the last k positions only (generation needs 1)"}],
+        "outputs": [{"name": "logits", "shape": ["batch", "logits_len", cfg.vocab_size], "dtype": dtype,
+                     "meaning": "logits_len = seqlen, or min(logits_to_keep, seqlen) when logits_to_keep > 0"}, *outs],
+        "state": state,
+        "attention_mask": {"input": ATTENTION_MASK, "shape": ["batch", "total_seqlen"], "dtype": "int64"},
+        "state_init": "each state tensor's init: 'zeros' (Mamba conv and ssm states) or 'empty' (KV caches: "
+                      "past_seqlen 0); attention_mask then covers only the new tokens",
+    }

@@ -1,0 +1,23 @@
+"""HF-named language models with their recurrent state and KV cache as explicit inputs and outputs.
+
+One file per piece: config.py (configs read from config.json), norms.py, mamba_mixers.py (Mamba-1,
+Mamba-2), attention.py (GQA + RoPE + KV cache), mlp.py, moe.py, hybrid.py (the hybrid stack),
+one file per family (mamba.py, bamba.py, granitemoehybrid.py) and loading.py (checkpoints).
+"""
+
+from .config import (ATTENTION, MAMBA, SUPPORTED_MODEL_TYPES, AttentionDims, HybridConfig, Mamba2Dims,
+                     MambaLMConfig, RopeSpec, _json_float)
+from .hybrid import HybridLM
+from .loading import (all_model_types, hybrid_families, load_hf_state_dict, load_hybrid_lm, load_mamba_lm,
+                      load_model, read_hf_config)
+from .mamba import Backbone, MambaBlock, MambaLM
+from .mamba_mixers import Mamba2Mixer, MambaMixer
+from .norms import GatedRMSNorm, RMSNorm, _rms_normalize, weightless_rms
+
+HYBRID_MODEL_TYPES = ("bamba", "granitemoehybrid")
+
+__all__ = ["ATTENTION", "MAMBA", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
+           "Mamba2Dims", "MambaLMConfig", "RopeSpec", "_json_float", "HybridLM", "all_model_types", "hybrid_families",
+           "load_hf_state_dict", "load_hybrid_lm", "load_mamba_lm", "load_model", "read_hf_config", "Backbone",
+           "MambaBlock", "MambaLM", "Mamba2Mixer", "MambaMixer", "GatedRMSNorm", "RMSNorm", "_rms_normalize",
+           "weightless_rms"]

@@ -1,0 +1,110 @@
+"""Bamba (transformers' BambaForCausalLM): Mamba-2 layers and attention layers (attn_layer_indices),
+each followed by a SwiGLU MLP. Attention: GQA, RoPE on the first half of each head
+(partial_rotary_factor 0.5 unless rope_parameters says otherwise), scaling head_dim**-0.5."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...errors import ScanExportError
+from .attention import Attention
+from .config import (ATTENTION, MAMBA, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float,
+                     rope_spec)
+from .hybrid import HybridLM
+from .mamba_mixers import Mamba2Mixer
+from .mlp import GatedMLP
+from .norms import RMSNorm
+
+MODEL_TYPE = "bamba"
+
+
+def mamba2_dims(raw: dict, eps: float) -> Mamba2Dims:
+    """The mamba_* fields bamba and granitemoehybrid share."""
+    hidden = raw["hidden_size"]
+    heads = raw.get("mamba_n_heads", 128)
+    expand = raw.get("mamba_expand", 2)
+    d_inner = int(expand * hidden)
+    head_dim = raw.get("mamba_d_head", "auto")
+    head_dim = d_inner // heads if head_dim == "auto" else head_dim
+    if head_dim * heads != d_inner:
+        raise ScanExportError(f"fields mamba_d_head * mamba_n_heads: expected mamba_expand * hidden_size = {d_inner}, "
+                              f"got {head_dim} * {heads}")
+    limit = raw.get("time_step_limit") or (0.0, "inf")
+    return Mamba2Dims(hidden_size=hidden, intermediate_size=d_inner, state_size=raw.get("mamba_d_state", 256),
+                      conv_kernel=raw.get("mamba_d_conv", 4), num_heads=heads, head_dim=head_dim,
+                      n_groups=raw.get("mamba_n_groups", 1), chunk_size=raw.get("mamba_chunk_size", 256),
+                      time_step_limit=tuple(json_float(v) for v in limit),
+                      use_bias=bool(raw.get("mamba_proj_bias", False)), use_conv_bias=bool(raw.get("mamba_conv_bias", True)),
+                      layer_norm_epsilon=eps)
+
+
+def check_activation(raw: dict) -> None:
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ScanExportError(f"field 'hidden_act': expected 'silu', got {raw['hidden_act']!r}")
+
+
+def attention_heads(raw: dict) -> tuple[int, int, int]:
+    heads = raw["num_attention_heads"]
+    kv = raw.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise ScanExportError(f"fields num_attention_heads / num_key_value_heads: expected a multiple, got {heads} / {kv}")
+    return heads, kv, raw.get("head_dim") or raw["hidden_size"] // heads
+
+
+def config_from_hf(raw: dict) -> HybridConfig:
+    check_activation(raw)
+    n = raw["num_hidden_layers"]
+    indices = raw.get("attn_layer_indices") or []
+    bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise ScanExportError(f"field 'attn_layer_indices': expected layer indices in [0, {n}), got {bad}")
+    eps = raw.get("rms_norm_eps", 1e-5)
+    heads, kv, head_dim = attention_heads(raw)
+    # BambaConfig hardcodes partial_rotary_factor 0.5 unless rope_parameters names one.
+    partial = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", 0.5)
+    return HybridConfig(
+        model_type=MODEL_TYPE, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_hidden_layers=n,
+        layer_types=tuple(ATTENTION if i in indices else MAMBA for i in range(n)), rms_norm_eps=eps,
+        mamba=mamba2_dims(raw, eps),
+        attention=AttentionDims(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, scaling=head_dim ** -0.5,
+                                bias=bool(raw.get("attention_bias", False)), rope=rope_spec(raw, head_dim, partial)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), eos_token_id=eos_id(raw),
+        bos_token_id=raw.get("bos_token_id"), intermediate_size=raw["intermediate_size"],
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+    )
+
+
+class BambaLayer(nn.Module):
+    def __init__(self, cfg: HybridConfig, kind: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if kind == MAMBA:
+            self.mamba = Mamba2Mixer(cfg.mamba)
+        else:
+            self.self_attn = Attention(cfg.hidden_size, cfg.attention)
+        self.feed_forward = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x, a, b, allowed, rope):
+        h = self.input_layernorm(x)
+        if hasattr(self, "mamba"):
+            h, a, b = self.mamba(h, a, b)
+        else:
+            h, a, b = self.self_attn(h, a, b, allowed, rope)
+        x = x + h
+        return x + self.feed_forward(self.pre_ff_layernorm(x)), a, b
+
+
+class BambaLM(HybridLM):
+    final_norm_name = "final_layernorm"
+
+    def __init__(self, cfg: HybridConfig):
+        super().__init__(cfg, BambaLayer)
+
+
+def build(raw: dict) -> BambaLM:
+    return BambaLM(config_from_hf(raw))
+
+
+# checkpoint name -> our name (none: bamba's checkpoints use the module names above)
+RENAMES: tuple[tuple[str, str], ...] = ()

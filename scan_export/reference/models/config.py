@@ -1,0 +1,231 @@
+"""Model configurations read from a Hugging Face config.json: the pure-Mamba families (MambaLMConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import ScanExportError
+
+SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
+
+
+@dataclass(frozen=True)
+class MambaLMConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    state_size: int
+    conv_kernel: int
+    time_step_rank: int
+    num_hidden_layers: int
+    layer_norm_epsilon: float = 1e-5
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    mixer_rms_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    # Mamba-2 only
+    num_heads: int = 0
+    head_dim: int = 0
+    n_groups: int = 1
+    chunk_size: int = 64
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels the conv sees: d_inner for Mamba-1, d_inner + 2·g·n (x, B, C) for Mamba-2."""
+        if self.model_type == "mamba2":
+            return self.intermediate_size + 2 * self.n_groups * self.state_size
+        return self.intermediate_size
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> MambaLMConfig:
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ScanExportError(f"field 'model_type': expected one of {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ScanExportError(f"field 'hidden_act': expected 'silu' (as in every released Mamba), got {cfg['hidden_act']!r}")
+        hidden = cfg["hidden_size"]
+        rank = cfg.get("time_step_rank", "auto")
+        eos = cfg.get("eos_token_id")
+        mamba2 = {}
+        if model_type == "mamba2":
+            mamba2 = dict(num_heads=cfg["num_heads"], head_dim=cfg["head_dim"], n_groups=cfg.get("n_groups", 1),
+                          chunk_size=cfg.get("chunk_size", 256),
+                          time_step_limit=tuple(_json_float(v) for v in cfg.get("time_step_limit", (0.0, "inf"))))
+            if int(cfg.get("expand", 2) * hidden) != mamba2["num_heads"] * mamba2["head_dim"]:
+                raise ScanExportError("fields hidden_size * expand: expected to equal num_heads * head_dim for mamba2, got "
+                                      f"{hidden} * {cfg.get('expand', 2)} vs {mamba2['num_heads']} * {mamba2['head_dim']}")
+        return cls(**mamba2,
+            model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=hidden,
+            intermediate_size=int(cfg.get("intermediate_size") or cfg.get("expand", 2) * hidden),
+            state_size=cfg.get("state_size", 16), conv_kernel=cfg.get("conv_kernel", 4),
+            time_step_rank=-(-hidden // 16) if rank == "auto" else int(rank),
+            num_hidden_layers=cfg["num_hidden_layers"], layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
+            use_bias=cfg.get("use_bias", False), use_conv_bias=cfg.get("use_conv_bias", True),
+            mixer_rms_eps=cfg.get("mixer_rms_eps", 1e-6), tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos, bos_token_id=cfg.get("bos_token_id"),
+        )
+
+    def check(self) -> None:
+        """Sizes a model can be built from; one line naming the field otherwise."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "state_size", "time_step_rank",
+                     "num_hidden_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ScanExportError(f"field {name!r}: expected a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 2:
+            raise ScanExportError(f"field 'conv_kernel': expected an integer >= 2, got {self.conv_kernel!r}")
+
+    def state_shapes(self) -> tuple[tuple, tuple]:
+        """Per-layer (conv_state, ssm_state) shapes without the batch dimension."""
+        conv = (self.conv_kernel - 1, self.conv_dim)
+        if self.model_type == "mamba2":
+            return conv, (self.num_heads, self.head_dim, self.state_size)
+        return conv, (self.state_size, self.intermediate_size)
+
+
+def _json_float(v) -> float:
+    """transformers writes infinity into config.json as {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Hybrid models: Mamba-2 layers and attention layers in one stack (bamba, granitemoehybrid, ...)
+
+MAMBA, ATTENTION = "mamba", "attention"
+# transformers' names for a layer's kind, current and legacy (configuration_utils._LEGACY_LAYER_TYPE_REMAP).
+LAYER_TYPE_NAMES = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION}
+ROPE_TYPES = ("default", "linear")
+
+
+@dataclass(frozen=True)
+class Mamba2Dims:
+    """The sizes of a Mamba-2 mixer, named as MambaLMConfig names them (Mamba2Mixer reads either)."""
+
+    hidden_size: int
+    intermediate_size: int
+    state_size: int
+    conv_kernel: int
+    num_heads: int
+    head_dim: int
+    n_groups: int
+    chunk_size: int
+    time_step_limit: tuple[float, float]
+    use_bias: bool
+    use_conv_bias: bool
+    layer_norm_epsilon: float  # the gated norm's eps
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+    def state_shapes(self) -> tuple[tuple, tuple]:
+        return (self.conv_kernel - 1, self.conv_dim), (self.num_heads, self.head_dim, self.state_size)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding as transformers computes it: inv_freq over the first `rotary_dim` channels
+    (head_dim · partial_rotary_factor), divided by `factor` for rope_type "linear"."""
+
+    theta: float
+    rotary_dim: int
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class AttentionDims:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float  # multiplies q·k (head_dim**-0.5, or granite's attention_multiplier)
+    bias: bool
+    rope: RopeSpec | None  # None: no position embedding at all (granite's position_embedding_type None)
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """What a hybrid model's modules are built from; the family modules (bamba.py, ...) read config.json into it."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]  # MAMBA or ATTENTION per layer
+    rms_norm_eps: float
+    mamba: Mamba2Dims
+    attention: AttentionDims
+    tie_word_embeddings: bool = False
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    # feed-forward: a SwiGLU MLP of intermediate_size (bamba), or granite's shared MLP plus top-k experts
+    intermediate_size: int = 0
+    mlp_bias: bool = False
+    shared_intermediate_size: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    # granite's scalings: embeddings ×, each residual branch ×, logits ÷
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+
+    @property
+    def state_size(self) -> int:
+        return self.mamba.state_size
+
+    @property
+    def conv_kernel(self) -> int:
+        return self.mamba.conv_kernel
+
+    def cache_layout(self) -> list[tuple[int, str, list[tuple[str, tuple, str]]]]:
+        """[(layer, kind, [(tensor, shape without batch, dtype class)])] in the graph's order.
+        dtype class "state" is float32 (the scan state); "model" is the model dtype. The KV cache's
+        sequence axis is the string "past_seqlen"."""
+        conv, ssm = self.mamba.state_shapes()
+        kv = (self.attention.num_kv_heads, "past_seqlen", self.attention.head_dim)
+        out = []
+        for i, kind in enumerate(self.layer_types):
+            if kind == MAMBA:
+                out.append((i, kind, [("conv_state", conv, "model"), ("ssm_state", ssm, "state")]))
+            else:
+                out.append((i, kind, [("key", kv, "model"), ("value", kv, "model")]))
+        return out
+
+
+def json_float(v) -> float:
+    return _json_float(v)
+
+
+def layer_kinds(raw_types, field: str) -> tuple[str, ...]:
+    """transformers' per-layer type names -> MAMBA / ATTENTION; anything else is refused naming the field."""
+    kinds = []
+    for i, t in enumerate(raw_types):
+        if t not in LAYER_TYPE_NAMES:
+            raise ScanExportError(f"field {field!r}: layer {i} is {t!r}; supported values are {sorted(LAYER_TYPE_NAMES)}")
+        kinds.append(LAYER_TYPE_NAMES[t])
+    return tuple(kinds)
+
+
+def rope_spec(cfg: dict, head_dim: int, partial_rotary_factor: float | None = None) -> RopeSpec:
+    """config.json's rope_parameters (transformers 5) or rope_theta / rope_scaling (older files)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    if not params:
+        params = {"rope_theta": cfg.get("rope_theta", 10000.0), **(cfg.get("rope_scaling") or {})}
+        params.setdefault("rope_type", params.pop("type", "default"))
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ScanExportError(f"field 'rope_parameters.rope_type': expected one of {list(ROPE_TYPES)}, got {rope_type!r}")
+    factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    partial = partial_rotary_factor if partial_rotary_factor is not None else params.get("partial_rotary_factor", 1.0)
+    return RopeSpec(theta=float(params.get("rope_theta", 10000.0)), rotary_dim=int(head_dim * partial), factor=factor)
+
+
+def eos_id(cfg: dict) -> int | None:
+    eos = cfg.get("eos_token_id")
+    return eos[0] if isinstance(eos, list) else eos

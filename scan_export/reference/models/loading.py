@@ -1,0 +1,149 @@
+"""Loading Hugging Face checkpoints: config.json, weights (safetensors or pytorch_model.bin), by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ...errors import ScanExportError
+from .config import SUPPORTED_MODEL_TYPES, MambaLMConfig
+from .mamba import MambaLM
+
+
+def read_hf_config(checkpoint_dir) -> dict:
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise ScanExportError(f"checkpoint_dir {str(path)!r} does not exist or is not a directory")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ScanExportError(f"checkpoint_dir {str(path)!r} has no config.json; expected a Hugging Face checkpoint directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScanExportError(f"{cfg_path}: expected JSON, got a parse error ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ScanExportError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
+    return cfg
+
+
+def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
+    """model.safetensors, sharded safetensors (index), or pytorch_model.bin (weights_only=True)."""
+    path = Path(checkpoint_dir)
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        from safetensors.torch import load_file
+
+        from safetensors import SafetensorError
+
+        state = {}
+        for shard in shards:
+            try:
+                state.update(load_file(str(shard)))
+            except (SafetensorError, OSError) as e:  # truncated, corrupt, or not safetensors at all
+                raise ScanExportError(f"{shard}: expected a safetensors file, could not read it ({e})") from None
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        import pickle
+        import zipfile
+
+        state = {}
+        for b in bins:
+            try:
+                part = torch.load(str(b), map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ScanExportError(f"{b}: expected a PyTorch state dict, could not read it ({first})") from None
+            if not isinstance(part, dict):
+                raise ScanExportError(f"{b}: expected a state dict, got a {type(part).__name__}")
+            state.update(part)
+        return state
+    raise ScanExportError(f"checkpoint_dir {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _parse_config(checkpoint_dir, parse):
+    """parse(config.json's dict), with a missing field or a bad value reported as one line naming the file."""
+    cfg_path = Path(checkpoint_dir) / "config.json"
+    raw = read_hf_config(checkpoint_dir)
+    try:
+        return parse(raw)
+    except KeyError as e:
+        raise ScanExportError(f"{cfg_path}: required field {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ScanExportError):
+            raise ScanExportError(f"{cfg_path}: {e}") from None
+        raise ScanExportError(f"{cfg_path}: a field has the wrong type or value ({e})") from None
+
+
+def _load_weights(model, state: dict, checkpoint_dir) -> None:
+    """Every parameter of model from state by name, shapes checked; tied parameters are loaded once."""
+    wanted = dict(model.named_parameters())  # a tied lm_head is the embedding's parameter: listed once
+    missing = sorted(k for k in wanted if state.get(k) is None)
+    if missing:
+        raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r} is missing {len(missing)} weight(s) config.json "
+                              f"asks for: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    for k, p in wanted.items():
+        if tuple(state[k].shape) != tuple(p.shape):
+            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {k} expected shape {tuple(p.shape)} "
+                                  f"(from config.json), got {tuple(state[k].shape)}")
+    with torch.no_grad():
+        for k, p in wanted.items():
+            p.copy_(state[k])
+
+
+def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
+    """Build a MambaLM from a local HF checkpoint; every parameter must be found by name."""
+
+    def parse(raw):
+        cfg = MambaLMConfig.from_hf(raw)
+        cfg.check()
+        return cfg
+
+    cfg = _parse_config(checkpoint_dir, parse)
+    model = MambaLM(cfg)
+    state = load_hf_state_dict(checkpoint_dir)
+    state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}  # old name
+    if "lm_head.weight" not in state and cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state.get("backbone.embeddings.weight")
+    _load_weights(model, state, checkpoint_dir)
+    return model.to(dtype).eval()
+
+
+def hybrid_families() -> dict:
+    """model_type -> the family module (config_from_hf, build, RENAMES)."""
+    from . import bamba, granitemoehybrid
+
+    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid)}
+
+
+def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
+    """Build a hybrid LM (bamba, granitemoehybrid) from a local HF checkpoint, weights by name."""
+    raw = read_hf_config(checkpoint_dir)
+    families = hybrid_families()
+    family = families.get(raw.get("model_type"))
+    if family is None:
+        raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
+                              f"{sorted(families)}, got {raw.get('model_type')!r}")
+    model = _parse_config(checkpoint_dir, family.build)
+    state = load_hf_state_dict(checkpoint_dir)
+    for old, new in family.RENAMES:
+        state = {k.replace(old, new): v for k, v in state.items()}
+    _load_weights(model, state, checkpoint_dir)
+    return model.to(dtype).eval()
+
+
+def load_model(checkpoint_dir, dtype=torch.float32):
+    """Any supported checkpoint: a MambaLM for mamba / falcon_mamba / mamba2, a hybrid LM otherwise."""
+    model_type = read_hf_config(checkpoint_dir).get("model_type")
+    if model_type in hybrid_families():
+        return load_hybrid_lm(checkpoint_dir, dtype)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
+                              f"{all_model_types()}, got {model_type!r}")
+    return load_mamba_lm(checkpoint_dir, dtype)
+
+
+def all_model_types() -> list[str]:
+    return [*SUPPORTED_MODEL_TYPES, *hybrid_families()]

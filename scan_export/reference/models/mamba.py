@@ -1,0 +1,68 @@
+"""Mamba / FalconMamba / Mamba-2 language models with the recurrent state as explicit inputs and outputs.
+
+These are the modules that get exported. Parameter names match Hugging Face checkpoints
+(`backbone.layers.{i}.mixer.in_proj.weight`, ...), so weights load by name with no conversion.
+Per layer i the state is conv_state_i and ssm_state_i (mamba_mixers.py): channels-last, the layout
+the exported scan works in, so a decode step spends no transposes on them (transformers keeps
+(b, d, K) and (b, d, n); verify maps between the two).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...errors import ScanExportError
+from .config import MambaLMConfig
+from .mamba_mixers import Mamba2Mixer, MambaMixer
+from .norms import RMSNorm
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, cfg: MambaLMConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mixer = Mamba2Mixer(cfg) if cfg.model_type == "mamba2" else MambaMixer(cfg)
+
+    def forward(self, x, conv_state, ssm_state):
+        y, conv_state, ssm_state = self.mixer(self.norm(x), conv_state, ssm_state)
+        return x + y, conv_state, ssm_state
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: MambaLMConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+
+
+class MambaLM(nn.Module):
+    """forward(input_ids: (b, l), conv_0, ssm_0, conv_1, ssm_1, ...) -> (logits: (b, l, V), conv_0', ssm_0', ...)"""
+
+    def __init__(self, cfg: MambaLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids, *states):
+        n_layers = self.cfg.num_hidden_layers
+        if len(states) != 2 * n_layers:
+            raise ScanExportError(f"expected {2 * n_layers} state tensors (conv, ssm per layer), got {len(states)}")
+        x = self.backbone.embeddings(input_ids)
+        new_states = []
+        for i, layer in enumerate(self.backbone.layers):
+            x, conv_state, ssm_state = layer(x, states[2 * i], states[2 * i + 1])
+            new_states += [conv_state, ssm_state]
+        return (self.lm_head(self.backbone.norm_f(x)), *new_states)
+
+    def zero_state(self, batch: int, dtype=None) -> list[torch.Tensor]:
+        cfg = self.cfg
+        dtype = dtype or self.lm_head.weight.dtype
+        conv, ssm = cfg.state_shapes()
+        out = []
+        for _ in range(cfg.num_hidden_layers):
+            out.append(torch.zeros(batch, *conv, dtype=dtype))
+            out.append(torch.zeros(batch, *ssm, dtype=torch.float32))
+        return out
