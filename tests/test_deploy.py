@@ -37,10 +37,15 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", params=["mamba", "mamba2"])
+# A hybrid: Mamba-2 then attention (KV cache from empty, attention mask), MoE, Granite multipliers.
+OVERRIDES = {"granitemoehybrid": dict(num_hidden_layers=2, layer_types=["mamba", "attention"])}
+
+
+@pytest.fixture(scope="module", params=["mamba", "mamba2", "granitemoehybrid"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    out = export_model(make_tiny_checkpoint(root / "ckpt", request.param), root / "export", target="node-1.30")
+    ckpt = make_tiny_checkpoint(root / "ckpt", request.param, **OVERRIDES.get(request.param, {}))
+    out = export_model(ckpt, root / "export", target="node-1.30")
     model = ExportedMamba(out)
     return out, [generate(model, [p], N_TOKENS)[0] for p in PROMPTS]
 

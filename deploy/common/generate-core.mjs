@@ -8,12 +8,20 @@
 //            has a `default`)
 //   outputs: logits (batch, logits_len, vocab), then the state outputs in `description.outputs` order
 //   a new sequence starts from all-zero states; after each run, output state i feeds input state i.
+//   Hybrid exports (version 4) also take attention_mask (batch, past_seqlen + seqlen) int64 and KV
+//   caches past_key_values.{i}.key/value (batch, kv_heads, past_seqlen, head_dim) that start empty
+//   (past_seqlen 0) and come back grown by seqlen: one prompt needs a mask of all ones.
 
 const TYPED = { float32: Float32Array };
 
 export function stateInputs(description) {
-  const names = new Set(description.state.flatMap((s) => [s.conv_state.input, s.ssm_state.input]));
+  // Every dict with an `input` in a state entry: conv_state/ssm_state (Mamba), key/value (attention).
+  const names = new Set(description.state.flatMap((s) => Object.values(s).filter((t) => t && t.input).map((t) => t.input)));
   return description.inputs.filter((i) => names.has(i.name));
+}
+
+function takesAttentionMask(description) {
+  return description.inputs.some((i) => i.name === 'attention_mask');
 }
 
 // Fed when listed, unless it has a `default` (--target genai exports): onnxruntime-web 1.30 refuses to
@@ -26,13 +34,14 @@ export function stateOutputs(description) {
   return description.outputs.filter((o) => o.name !== 'logits').map((o) => o.name);
 }
 
-/** Zero states for `batch` sequences, as a {name: Tensor} map. */
+/** The states a new sequence starts from, for `batch` sequences, as a {name: Tensor} map: zeros, and
+ * KV caches with past_seqlen 0 (empty tensors). */
 export function zeroState(ort, description, batch) {
   const feeds = {};
   for (const s of stateInputs(description)) {
     const Typed = TYPED[s.dtype];
     if (!Typed) throw new Error(`state ${s.name} has dtype ${s.dtype}; this host supports float32 exports only`);
-    const dims = s.shape.map((d) => (d === 'batch' ? batch : d));
+    const dims = s.shape.map((d) => (d === 'batch' ? batch : d === 'past_seqlen' ? 0 : d));
     feeds[s.name] = new ort.Tensor(s.dtype, new Typed(dims.reduce((a, b) => a * b, 1)), dims);
   }
   return feeds;
@@ -67,9 +76,15 @@ export async function generateGreedy(ort, session, description, promptIds, maxNe
   const inputs = stateInputs(description).map((s) => s.name);
   let feeds = zeroState(ort, description, 1);
   let ids = promptIds;
+  let seen = 0; // tokens already in the KV cache
   const tokens = [];
   while (tokens.length < maxNewTokens) {
     feeds.input_ids = new ort.Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]);
+    if (takesAttentionMask(description)) {
+      // One sequence, no padding: every cached and new position is a real token.
+      feeds.attention_mask = new ort.Tensor('int64', new BigInt64Array(seen + ids.length).fill(1n), [1, seen + ids.length]);
+    }
+    seen += ids.length;
     // Only the last position's logits are needed: the lm_head skips the others.
     if (takesLogitsToKeep(description)) feeds.logits_to_keep = new ort.Tensor('int64', BigInt64Array.from([1n]), []);
     const result = await session.run(feeds);
