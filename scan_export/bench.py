@@ -126,7 +126,8 @@ def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 MODEL_CONFIGS = {("mamba", "tiny"): "TINY", ("mamba", "130m"): "MAMBA_130M",
                  ("mamba2", "tiny"): "TINY", ("mamba2", "130m"): "MAMBA2_130M",
                  ("bamba", "tiny"): "TINY_BAMBA", ("granitemoehybrid", "tiny"): "TINY_GRANITE",
-                 ("granitemoehybrid", "130m"): "GRANITE_130M", ("granitemoehybrid", "130m-32e"): "GRANITE_130M_32E"}
+                 ("granitemoehybrid", "130m"): "GRANITE_130M", ("granitemoehybrid", "moe-8e"): "GRANITE_MOE_8E",
+                 ("granitemoehybrid", "moe-32e"): "GRANITE_MOE_32E"}
 HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM",
             "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
 

@@ -151,8 +151,8 @@ def _add_bench(sub):
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="scan only: the chunked form's T (default: 16)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here (a new file, or one bench wrote)")
-    p.add_argument("--configs", default=None, help="with --model: comma-separated, from tiny,130m (and 130m-32e for granitemoehybrid: "
-                        "the same model with 32 experts; default: tiny,130m)")
+    p.add_argument("--configs", default=None, help="with --model: comma-separated, from tiny,130m (and for granitemoehybrid moe-8e,moe-32e: "
+                        "6 of its 130m layers with 8 or 32 experts, top 2; default: tiny,130m)")
     p.add_argument("--model-type", default=None, choices=["mamba", "mamba2", "bamba", "granitemoehybrid"],
                    help="with --model (default: mamba)")
     p.add_argument("--prefill-len", type=positive_int, default=None, help="with --model: prompt tokens (default: 512)")
