@@ -310,8 +310,12 @@ def cmd_generate(args):
         if not ids:
             raise ScanExportError(f"--prompt {args.prompt!r} encodes to no tokens; expected text giving at least one token")
     else:
-        tokenizer = None  # ids in, ids out: --input-ids never reads tokenizer.json (nor trips on a bad one)
         ids = parse_input_ids(args.input_ids, model.vocab_size)
+        try:  # ids need no tokenizer; one that is there turns the output into text, a broken one does not stop us
+            tokenizer = load_tokenizer(args.export_dir, required=False)
+        except ScanExportError as e:
+            print(f"{PROG}: note: {_one_line(e)}; printing token ids instead of text", file=sys.stderr)
+            tokenizer = None
     opts = generate_options(args)
     if opts["stop_token_id"] is not None and opts["stop_token_id"] >= model.vocab_size:
         raise ScanExportError(f"--stop-token-id: expected a token id in [0, {model.vocab_size}) (the export's "
