@@ -371,6 +371,20 @@ def cmd_demo(args):
     return 0 if run_demo(args.workdir, args.model_type, args.tokens) else 1
 
 
+def _add_doctor(sub):
+    p = sub.add_parser("doctor", help="report the onnxruntime build and providers, and run check and generate on each")
+    p.add_argument("--provider", action="append", choices=["cpu", "cuda"], default=None,
+                   help="provider to exercise; repeat for several (default: every one this build has)")
+    p.add_argument("--tokens", type=positive_int, default=16, help="greedy tokens per generation")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args):
+    from .doctor import run_doctor
+
+    return 0 if run_doctor(args.provider, args.tokens, say=lambda line: print(line, flush=True)) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -379,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_scan, _add_check, _add_bench, _add_export_model, _add_generate, _add_verify, _add_demo):
+    for add in (_add_scan, _add_check, _add_bench, _add_export_model, _add_generate, _add_verify, _add_demo, _add_doctor):
         add(_Subparsers(sub))
     return parser
 
