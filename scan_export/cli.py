@@ -192,18 +192,26 @@ def cmd_generate(args):
 
 
 def _add_verify(sub):
-    p = sub.add_parser("verify", help="compare an export with transformers on its checkpoint")
+    from .verify import FLOOR, MARGIN
+
+    p = sub.add_parser("verify", help="judge an export against transformers in float64 on its checkpoint")
     p.add_argument("export_dir")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="the HF checkpoint directory the export was made from")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rtol", type=float, default=None,
+                   help="a fixed bar on each output's relative error (max|err| / max|ref|) against "
+                        f"transformers float64. Default: {MARGIN:g} x the error transformers itself makes "
+                        "in the export's dtype (float32, or float16 for fp16 exports) against float64, "
+                        f"at least {FLOOR['float32']:g} (float32) / {FLOOR['float16']:g} (float16)")
     p.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(args):
     from .verify import verify_export
 
-    report = verify_export(args.export_dir, args.checkpoint, n_tokens=args.tokens, provider=args.provider)
+    report = verify_export(args.export_dir, args.checkpoint, n_tokens=args.tokens, provider=args.provider,
+                           rtol=args.rtol)
     print(report.format())
     return 0 if report.passed else 1
 
