@@ -128,16 +128,17 @@ def _add_check(sub):
     p = sub.add_parser("check", help="run an op model against the float64 sequential reference")
     p.add_argument("model", help="an op model written by `scan-export scan`")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
-    p.add_argument("--rtol", type=float, default=None, help="relative error bar (default: 1e-5)")
+    p.add_argument("--rtol", type=_float_in(0, math.inf, high_open=True), default=None,
+                   help="relative error allowed per output; default by the model's dtype: "
+                        "float32 1e-5, float16 1e-3, float64 1e-12")
     p.set_defaults(func=cmd_check)
 
 
 def cmd_check(args):
-    from .check import DEFAULT_RTOL, check_scan_model, format_rows
+    from .check import check_scan_model, format_rows
 
-    rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL
-    rows = check_scan_model(args.model, provider=args.provider, rtol=rtol)
-    print(format_rows(rows, rtol))
+    rows = check_scan_model(args.model, provider=args.provider, rtol=args.rtol)
+    print(format_rows(rows, args.rtol))
     return 0 if all(r.passed for r in rows) else 1
 
 
@@ -339,18 +340,26 @@ def cmd_generate(args):
 
 
 def _add_verify(sub):
-    p = sub.add_parser("verify", help="compare an export with transformers on its checkpoint")
+    from .verify import FLOOR, MARGIN
+
+    p = sub.add_parser("verify", help="judge an export against transformers in float64 on its checkpoint")
     p.add_argument("export_dir", help="a directory written by export-model")
-    p.add_argument("--checkpoint", required=True, help="the checkpoint directory it was exported from")
+    p.add_argument("--checkpoint", required=True, help="the HF checkpoint directory the export was made from")
     p.add_argument("--tokens", type=positive_int, default=32, help="greedy tokens compared per prompt")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    p.add_argument("--rtol", type=_float_in(0, math.inf, high_open=True), default=None,
+                   help="a fixed bar on each output's relative error (max|err| / max|ref|) against "
+                        f"transformers float64. Default: {MARGIN:g} x the error transformers itself makes "
+                        "in the export's dtype (float32, or float16 for fp16 exports) against float64, "
+                        f"at least {FLOOR['float32']:g} (float32) / {FLOOR['float16']:g} (float16)")
     p.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(args):
     from .verify import verify_export
 
-    report = verify_export(args.export_dir, args.checkpoint, n_tokens=args.tokens, provider=args.provider)
+    report = verify_export(args.export_dir, args.checkpoint, n_tokens=args.tokens, provider=args.provider,
+                           rtol=args.rtol)
     print(report.format())
     return 0 if report.passed else 1
 
