@@ -53,7 +53,8 @@ def onnx_translation_table() -> dict:
 
     def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
                        delta_softplus: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
-        layout = {2: "fixed", 3: "variable", 4: "grouped"}[len(B.shape)]
+        b_layout, c_layout = ({2: "fixed", 3: "variable", 4: "grouped"}[len(t.shape)] for t in (B, C))
+        layout = b_layout if b_layout == c_layout else f"{b_layout},{c_layout}"  # mixed B/C (mamba_ssm allows it)
         out, last_state = node(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus=int(delta_softplus),
             chunk_size=chunk_size, bc_layout=layout, io_dtype=int(u.dtype), _outputs=2,
