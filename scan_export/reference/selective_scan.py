@@ -217,6 +217,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     state: (b, d, n)   x, dt, z: (b, d)   A: (d, n)   B, C: (b, n) | (b, g, n)   D, dt_bias: (d,)
     Returns y: (b, d) in x.dtype and new_state: (b, d, n) in state.dtype.
     Equal to selective_scan_ref on a length-1 sequence with initial_state=state.
+    The functional form (traceable); `scan_export.selective_state_update` is mamba_ssm's in-place one
+    (eager, per-head layouts too). Exported models decode with the scan op at seqlen 1 instead.
     """
     if not isinstance(state, torch.Tensor) or state.dim() != 3:
         got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
