@@ -59,7 +59,7 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
         else:
             cfg = SSDConfig(io_dtype=a["io_dtype"], chunk_size=a["chunk_size"], dt_softplus=bool(a["dt_softplus"]),
                             dt_limit=(a["dt_limit_lo"], a["dt_limit_hi"]), d_per_channel=bool(a["d_per_channel"]),
-                            lowering=lowering, heads=a.get("heads") or None)
+                            lowering=lowering, heads=a.get("heads") or None, state_round=a.get("state_round", 0))
             gb = GraphBuilder(f"ssd_scan_{k}")
             out, last_state = emit_ssd_scan(gb, cfg, **dict(zip(SSD_INPUTS, [i or None for i in node.input])))
         # Route the lowering's results to the names the rest of the graph already uses.

@@ -87,50 +87,72 @@ def selective_scan_fn(
 # ------------------------------------------------------------------------------------------------
 # Mamba-2 (SSD)
 
-from .ssd import SSD_DEFAULT_CHUNK_SIZE, check_ssd_inputs, ssd_scan_chunked  # noqa: E402
+from .ssd import (SSD_DEFAULT_CHUNK_SIZE, check_ssd_inputs, rounding_dtype, ssd_scan_chunked,  # noqa: E402
+                  state_dtype_of)
 
-SSD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+SSD_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "seq_idx")
 
 
 @torch.library.custom_op("scan_export::ssd_scan", mutates_args=())
 def ssd_scan_op(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor], z: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
-    initial_states: Optional[torch.Tensor], chunk_size: int, dt_softplus: bool, dt_limit_lo: float,
-    dt_limit_hi: float,
+    initial_states: Optional[torch.Tensor], seq_idx: Optional[torch.Tensor], chunk_size: int, dt_softplus: bool,
+    dt_limit_lo: float, dt_limit_hi: float, state_round: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, final = _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_limit_lo,
-                            dt_limit_hi)
+    """Returns y and the final states in the compute dtype; state_round names the dtype the states
+    passed between chunks are stored in when narrower than that ("" when not)."""
+    y, final = _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus,
+                            dt_limit_lo, dt_limit_hi, state_round)
     return y.contiguous().clone(), final.contiguous().clone()
 
 
 @ssd_scan_op.register_fake
-def _(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_limit_lo, dt_limit_hi):
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_limit_lo, dt_limit_hi,
+      state_round):
     b, _, h, p = x.shape
     return torch.empty_like(x), x.new_empty((b, h, p, B.shape[-1]), dtype=compute_dtype(x))
 
 
-def _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, lo, hi):
-    return ssd_scan_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, (lo, hi), True)
+def _ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, lo, hi, state_round):
+    f = compute_dtype(x)
+    y, final = ssd_scan_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, None, dt_softplus,
+                                (lo, hi), True, state_dtype=getattr(torch, state_round) if state_round else f)
+    return y, final.to(f)  # the caller casts to the state dtype
 
 
-register_recompute_autograd(ssd_scan_op, _ssd_forward, n_tensors=9)
+register_recompute_autograd(ssd_scan_op, _ssd_forward, n_tensors=10)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=SSD_DEFAULT_CHUNK_SIZE, D=None, z=None, dt_bias=None,
-                              initial_states=None, seq_idx=None, dt_softplus=False,
-                              dt_limit=(0.0, float("inf")), return_final_states=False):
-    """Drop-in for mamba_ssm's `mamba_chunk_scan_combined`, exportable with torch.onnx.export(dynamo=True).
+                              initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False,
+                              dt_limit=(0.0, float("inf")), return_final_states=False, return_varlen_states=False,
+                              state_dtype=None):
+    """Drop-in for mamba_ssm's `mamba_chunk_scan_combined` (its full signature and return conventions).
 
     x, z: (b, l, h, p)  dt: (b, l, h)  A, dt_bias: (h,)  B, C: (b, l, g, n)  D: (h,) or (h, p)
-    initial_states: (b, h, p, n). Returns y: (b, l, h, p) and, when asked, final states (b, h, p, n).
+    initial_states: (b, h, p, n)  seq_idx: (b, l) int, packed sequences (the state restarts where it
+    changes)  cu_seqlens: (s + 1,) int, read only with return_varlen_states (batch 1).
+    Returns y, then final states (b, h, p, n) if return_final_states, then varlen states (s, h, p, n)
+    if return_varlen_states; states in state_dtype, else C's dtype. reference/ssd.py spells out
+    mamba's semantics for each.
+    ONNX (scan_export.onnx.export.export): everything but return_varlen_states, which is refused;
+    seq_idx becomes an input of the exported scan; the native lowering takes neither seq_idx nor a
+    state_dtype narrower than the compute dtype.
     """
-    if seq_idx is not None:
-        raise ScanExportError("seq_idx (packed variable-length sequences) is not supported; pass one sequence per batch row")
-    check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states)
-    y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, int(chunk_size), bool(dt_softplus),
-                           float(dt_limit[0]), float(dt_limit[1]))
-    return (y, final) if return_final_states else y
+    if return_varlen_states:
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            raise ScanExportError("return_varlen_states is not supported in ONNX export (mamba_ssm has no backward "
+                                  "for it either); export with return_final_states and one sequence per row instead")
+        # Eager only: the chunked scan itself (differentiable, where mamba_ssm raises in backward).
+        return ssd_scan_chunked(x, dt, A, B, C, int(chunk_size), D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                                bool(dt_softplus), dt_limit, return_final_states, True, state_dtype)
+    check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
+    round_to = rounding_dtype(C, state_dtype, compute_dtype(x))
+    y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, int(chunk_size), bool(dt_softplus),
+                           float(dt_limit[0]), float(dt_limit[1]),
+                           "" if round_to is None else str(round_to).removeprefix("torch."))
+    return (y, final.to(state_dtype_of(C, state_dtype))) if return_final_states else y
 
 
 # ------------------------------------------------------------------------------------------------
