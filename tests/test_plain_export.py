@@ -7,7 +7,6 @@ bidirectional Mamba), written here without einops; each calls its scan through a
 VMamba does, so the float64 oracle can swap in the sequential references.
 """
 
-import collections
 import copy
 import math
 
@@ -28,9 +27,10 @@ from .conftest import rel_err
 from .test_export_module import op_histogram
 
 DYN = torch.export.Dim.DYNAMIC
-# Every comparison below is float32 against float32 or float64; 1e-5 relative is the project's parity
-# budget. Measured: plain graph vs eager and vs float64 ≤ ~1e-6 (eager scans in chunks, the graph
-# step by step: two rounding orders); plain vs wrapper graph 0 to 2e-7 (the same step arithmetic).
+# float32 graphs against float32 eager, our wrapper's graph and the float64 block: 1e-5 relative is
+# the project's parity budget. Measured worst over these blocks and lengths: 3.0e-7 vs eager (eager
+# scans in chunks, the graph step by step: two rounding orders) and vs float64; vs the wrapper's
+# graph 0 (the same arithmetic), but 1.6e-7 for Mamba-2 at l = 1 (a 1x1 chunk vs the wrapper's one step).
 RTOL = 1e-5
 
 

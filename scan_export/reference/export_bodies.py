@@ -5,7 +5,8 @@ custom_ops.py routes here while `torch.compiler.is_exporting()` (unless scan_exp
 to keep the opaque custom nodes, which it lowers itself). Each body mirrors the ONNX lowering's
 layout (onnx/lowering/), so the two routes run the same arithmetic and agree to rounding:
   selective scan: one scan over time, h: (b, g, n, hd), seven ops per step (lowering/selective_scan.py)
-  SSD scan:       one scan over chunks of T, the state (b, h, p, n) carried (lowering/ssd.py)
+  SSD scan:       one scan over chunks of T = min(l, chunk_size), the state (b, h, p, n) carried
+                  (lowering/ssd.py, which takes a one-step branch for l = 1 instead)
   causal conv:    reference.conv as is (slices, no loop over time)
 Glossary as in reference/selective_scan.py and reference/ssd.py; every dimension stays symbolic.
 """
@@ -45,8 +46,9 @@ LOG_DECAY_MIN = -60.0
 def softplus_compensated(x: torch.Tensor) -> torch.Tensor:
     """softplus(x) = relu(x) + log1p(exp(−|x|)), log1p(t) = log(u) − ((u − 1) − t)/u with u = 1 + t.
 
-    The exporter writes log1p as Log(1 + t), which loses a small Δ's relative precision (3e-5 at
-    Δ = 1e-3); the correction term restores it. The same form as the ONNX lowering's Softplus."""
+    F.softplus would export as onnxruntime's Softplus (a scalar kernel, no float64) and torch.log1p
+    as Log(1 + t), which loses a small Δ's relative precision (3e-5 at Δ = 1e-3); the correction
+    term restores it. The same form as the ONNX lowering's softplus."""
     t = torch.exp(torch.clamp_min(-x.abs(), -80.0))
     u = t + 1.0
     return torch.relu(x) + (torch.log(u) - ((u - 1.0) - t) / u)
@@ -114,10 +116,10 @@ def selective_scan_body(u, delta, A, B, C, D=None, z=None, delta_bias=None, init
 
 def ssd_scan_body(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, chunk_size=64,
                   dt_softplus=False, dt_limit=(0.0, math.inf)):
-    """mamba_chunk_scan_combined's arithmetic as torch ops + one scan over chunks -> (y, final).
+    """mamba_chunk_scan_combined's arithmetic as torch ops -> (y, final): one step when l == 1, else
+    one scan over chunks (torch.cond, an ONNX If, as in lowering/ssd.py).
 
-    x, z: (b, l, h, p)  dt: (b, l, h)  A, dt_bias: (h,)  B, C: (b, l, g, n)  D: (h,) | (h, p)
-    l is padded to nc·T with identity steps (a = 0, Δx = 0), as in lowering/ssd.py."""
+    x, z: (b, l, h, p)  dt: (b, l, h)  A, dt_bias: (h,)  B, C: (b, l, g, n)  D: (h,) | (h, p)"""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ScanExportError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dtype_in, f = x.dtype, compute_dtype(x)
@@ -133,18 +135,36 @@ def ssd_scan_body(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=N
     lo, hi = dt_limit
     if lo > 0.0 or hi < math.inf:
         dt = dt.clamp(min=lo, max=hi)
+    a, xdt = dt * A.to(f), xf * dt.unsqueeze(-1)  # (b, l, h), (b, l, h, p)
+    s0 = initial_states.to(f) if initial_states is not None else xf.new_zeros(b, h, p, n)
+    y, final = _ssd_chunk_scan(a, xdt, B.to(f), C.to(f), s0, g, r, T)
+    if D is not None:
+        Df = D.to(f)
+        y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    return y.to(dtype_in), final
+
+
+def _ssd_chunk_scan(a, xdt, B, C, s0, g, r, chunk_size):
+    """a: (b, l, h), xdt: (b, l, h, p), B, C: (b, l, g, n), s0: (b, h, p, n) -> (y: (b, l, h, p), final).
+
+    Chunks of T = min(l, chunk_size): a decode step (l = 1) is one 1x1 chunk, not a padded chunk of
+    64 (20x slower at 24 heads x 64 x 128). l is padded to nc·T with identity steps (a = 0, Δx = 0),
+    then one scan over the chunks."""
+    l = a.shape[1]
+    T = torch.sym_min(l, chunk_size)
     pad = (T - l % T) % T
 
     def chunks(t):  # (b, l, ·, ·) -> (nc, b, ·, T, ·): pad the time axis, split it, chunks first
         t = F.pad(t, [0, 0] * (t.dim() - 2) + [0, pad])
         return t.unflatten(1, (-1, T)).movedim(1, 0).transpose(2, 3).contiguous()
 
-    a_all = chunks((dt * A.to(f)).unsqueeze(-1)).squeeze(-1)  # (nc, b, h, T)
-    x_all = chunks(xf * dt.unsqueeze(-1))  # (nc, b, h, T, p)
-    B_all, C_all = chunks(B.to(f)), chunks(C.to(f))  # (nc, b, g, T, n)
-    ones = torch.ones(T, T, dtype=f, device=x.device)
-    strictly_lower, causal = ones.tril(-1), ones.tril()  # constants: nothing to detach  # [k, j]: k > j; [i, j]: j <= i
-    s0 = initial_states.to(f).contiguous() if initial_states is not None else xf.new_zeros(b, h, p, n)
+    a_all = chunks(a.unsqueeze(-1)).squeeze(-1)  # (nc, b, h, T)
+    x_all = chunks(xdt)  # (nc, b, h, T, p)
+    B_all, C_all = chunks(B), chunks(C)  # (nc, b, g, T, n)
+    ones = torch.ones(T, T, dtype=a.dtype, device=a.device)
+    strictly_lower, causal = ones.tril(-1), ones.tril()  # [k, j]: k > j; [i, j]: j <= i
 
     def step(state, xs_t):
         a_c, x_c, B_c, C_c = xs_t
@@ -164,10 +184,4 @@ def ssd_scan_body(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=N
         return state, y_c.flatten(1, 2).transpose(1, 2)  # y: (b, T, h, p)
 
     final, ys = _detached_scan(step, s0, (a_all, x_all, B_all, C_all))  # ys: (nc, b, T, h, p)
-    y = ys.movedim(0, 1).flatten(1, 2)[:, :l]  # (b, l, h, p)
-    if D is not None:
-        Df = D.to(f)
-        y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)
-    if z is not None:
-        y = y * F.silu(z.to(f))
-    return y.to(dtype_in), final
+    return ys.movedim(0, 1).flatten(1, 2)[:, :l], final  # (b, l, h, p)
