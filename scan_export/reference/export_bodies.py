@@ -98,10 +98,14 @@ def selective_scan_body(u, delta, A, B, C, D=None, z=None, delta_bias=None, init
     else:
         h0 = uf.new_zeros(uf.shape[0], g, n, hd)
 
+    # maximum with a tensor exports as Max; clamp_min exports as Clip, 8% slower per step in
+    # onnxruntime (measured on the whole scan at B1·D1536·L2048).
+    floor = torch.tensor(LOG_DECAY_MIN, dtype=f, device=u.device)
+
     def step(h, xs_t):
         dt_t, du_t, *bc = xs_t
         B_t = bc.pop(0) if B_fixed is None else B_fixed
-        h = torch.exp(torch.clamp_min(A_g * dt_t, LOG_DECAY_MIN)) * h + B_t * du_t  # (b, g, n, hd)
+        h = torch.exp(torch.maximum(A_g * dt_t, floor)) * h + B_t * du_t  # (b, g, n, hd)
         y_t = bc.pop(0) @ h if C_fixed is None else (C_fixed * h).sum(2, keepdim=True)  # (b, g, 1, hd)
         return h, y_t
 
