@@ -41,9 +41,8 @@ def opaque_ops():
 
 def exporting_plainly() -> bool:
     """True while torch.export traces (as torch.onnx.export(dynamo=True) does) outside opaque_ops():
-    the drop-ins then trace export_bodies, which every exporter understands without our help."""
+    the drop-ins then trace export_bodies, which torch.onnx.export translates without our help."""
     return torch.compiler.is_exporting() and not _OPAQUE.get()
-
 
 
 @torch.library.custom_op("scan_export::selective_scan", mutates_args=())
