@@ -43,7 +43,40 @@ def interleaved_ms(fns: dict, repeats: int) -> dict:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def bench_scan(shapes=SCAN_SHAPES, regime: str = "init", repeats: int = 5, chunk_size: int | None = None) -> dict:
+PLAIN = "onnxruntime CPU, plain torch.onnx.export (Scan)"
+WRAPPER = "onnxruntime CPU, scan_export.onnx.export (Scan)"
+ROUTE_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def export_routes(tmp) -> dict:
+    """A module calling selective_scan_fn (the bench's options: D, delta_bias, softplus; B, C (b, n, l)),
+    exported by the plain torch.onnx.export(dynamo=True) and by our wrapper -> {row name: session}."""
+    import torch
+
+    from . import selective_scan_fn
+    from .onnx.export import export, save_model
+    from .reference.regimes import make_scan_inputs
+    from .runtime import make_session
+
+    class Scan(torch.nn.Module):
+        def forward(self, u, delta, A, B, C, D, delta_bias):
+            return selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, True)
+
+    kw = make_scan_inputs("init", 1, 8, 4, 16, 1, with_z=False)
+    args = tuple(kw[k] for k in ROUTE_INPUTS)
+    dyn = torch.export.Dim.DYNAMIC
+    bl = {0: dyn, 2: dyn}
+    dims = {0: dyn, 1: dyn}  # d and n too: the bench's shapes differ from the example's
+    shapes = (bl | {1: dyn}, bl | {1: dyn}, dims, bl | {1: dyn}, bl | {1: dyn}, {0: dyn}, {0: dyn})
+    plain = torch.onnx.export(Scan(), args, dynamo=True, dynamic_shapes=shapes, verbose=False).model_proto
+    wrapper = export(Scan(), args, dynamic_shapes=shapes)
+    return {name: make_session(save_model(model, Path(tmp) / f"{i}.onnx"), "cpu")
+            for i, (name, model) in enumerate(((WRAPPER, wrapper), (PLAIN, plain)))}
+
+
+def bench_scan(shapes=SCAN_SHAPES, regime: str = "init", repeats: int = 5, chunk_size: int | None = None,
+               plain: bool = False) -> dict:
+    """plain: also time a module's graph from the plain torch.onnx.export against our wrapper's, in turn."""
     import torch
 
     from .onnx.export import save_model
@@ -60,6 +93,7 @@ def bench_scan(shapes=SCAN_SHAPES, regime: str = "init", repeats: int = 5, chunk
         for form in ("sequential", "chunked"):
             spec = ScanModelSpec(with_z=False, with_initial_state=False, chunk_size=chunk_size, scan_form=form)
             sessions[form] = make_session(save_model(build_scan_model(spec), Path(tmp) / f"scan-{form}.onnx"), "cpu")
+        routes = export_routes(tmp) if plain else {}
         for b, d, n, l in shapes:
             kw = make_scan_inputs(regime, b, d, n, l, 1, with_z=False)
             kw.pop("z"), kw.pop("initial_state")
@@ -74,12 +108,17 @@ def bench_scan(shapes=SCAN_SHAPES, regime: str = "init", repeats: int = 5, chunk
             with torch.inference_mode():
                 times = {name: median_ms(fn, max(2, repeats // 2) if "sequential" in name else repeats)
                          for name, fn in impls.items()}
+            # The two export routes alternate run by run, so the machine's drift lands on both.
+            ordered = [feeds[k] for k in ROUTE_INPUTS]
+            times |= interleaved_ms({name: (lambda s=s, f=dict(zip([i.name for i in s.get_inputs()], ordered)): s.run(None, f))
+                                     for name, s in routes.items()}, repeats) if routes else {}
             base = times[BASELINE]
             results["shapes"].append({
                 "shape": {"batch": b, "dim": d, "dstate": n, "seqlen": l},
                 "median_ms": times,
                 "speedup_vs_mamba_mini": {k: base / v for k, v in times.items()},
                 "speedup_vs_sequential": {k: times["eager sequential (selective_scan_ref)"] / v for k, v in times.items()},
+                **({"plain_over_wrapper": times[PLAIN] / times[WRAPPER]} if routes else {}),
             })
     return results
 
@@ -93,6 +132,8 @@ def format_scan_bench(results: dict) -> str:
         for name, ms in entry["median_ms"].items():
             lines.append(f"  {name:<52} {ms:>10.1f} {entry['speedup_vs_mamba_mini'][name]:>16.2f} "
                          f"{entry['speedup_vs_sequential'][name]:>16.2f}")
+        if "plain_over_wrapper" in entry:
+            lines.append(f"  plain export / wrapper export time: {entry['plain_over_wrapper']:.2f}x (the two timed in turn)")
     return "\n".join(lines)
 
 

@@ -151,6 +151,8 @@ def _add_bench(sub):
     p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per contender (default: 5; 3 with --model)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="scan only: the chunked form's T (default: 16)")
+    p.add_argument("--plain", action="store_const", const=True, default=None,
+                   help="scan only: also time a module exported by plain torch.onnx.export against our export()")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here (a new file, or one bench wrote)")
     p.add_argument("--configs", default=None, help="with --model: comma-separated, from tiny,130m (default: tiny,130m)")
     p.add_argument("--model-type", default=None, choices=["mamba", "mamba2"], help="with --model (default: mamba)")
@@ -185,6 +187,8 @@ def cmd_bench(args):
         require_flag(args, "the scan benches (no --model)", {"regime": "--regime", "chunk_size": "--chunk-size"})
     if args.ssd:
         require_flag(args, "the Mamba-1 scan bench (no --ssd)", {"chunk_size": "--chunk-size"})
+    if args.ssd or args.model:
+        require_flag(args, "the Mamba-1 scan bench (no --ssd, no --model)", {"plain": "--plain"})
     if args.json_path is not None:
         check_output_file(args.json_path, ours=_bench_json_is_ours, what="--json")
     if args.ssd:
@@ -199,7 +203,8 @@ def cmd_bench(args):
                               model_type=args.model_type or "mamba")
         print(format_model_bench(results))
     else:
-        results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size)
+        results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size,
+                             plain=bool(args.plain))
         print(format_scan_bench(results))
     if args.json_path:
         write_json({"written_by": PROG, **results}, args.json_path)

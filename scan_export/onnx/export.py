@@ -143,11 +143,14 @@ def _quiet_exporter():
 
 
 def _torch_export(torch, module, args, kwargs, dynamic_shapes, input_names, output_names, tgt):
-    return torch.onnx.export(
-        module, tuple(args), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
-        input_names=input_names, output_names=output_names, opset_version=tgt.opset,
-        custom_translation_table=onnx_translation_table(), verbose=False,
-        # Optimize only after lowering: the optimizer's shape inference cannot type our custom
-        # node's outputs and would erase the types the translation set.
-        optimize=False,
-    )
+    from ..reference.custom_ops import opaque_ops
+
+    with opaque_ops():  # our ops stay custom nodes here (a plain export would trace export_bodies)
+        return torch.onnx.export(
+            module, tuple(args), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+            input_names=input_names, output_names=output_names, opset_version=tgt.opset,
+            custom_translation_table=onnx_translation_table(), verbose=False,
+            # Optimize only after lowering: the optimizer's shape inference cannot type our custom
+            # node's outputs and would erase the types the translation set.
+            optimize=False,
+        )

@@ -1,12 +1,18 @@
 """torch.library custom ops: the exportable drop-ins. Eager = reference.*_chunked.
 
-To the exporter, `scan_export::selective_scan` is one opaque node, never the Python loop over
-chunks, so nothing is unrolled and no dimension is specialized. How that node becomes ONNX lives in
-scan_export.onnx (ops.py registers the translation, lowering/ emits the Scan or Loop).
+Two export routes, chosen by the drop-ins below (`exporting_plainly`):
+  * plain `torch.onnx.export(dynamo=True)` (or any torch.export): the drop-ins call export_bodies,
+    torch ops and torch's scan higher-order op, which the exporter turns into an ONNX Scan itself;
+  * scan_export.onnx.export, inside `opaque_ops()`: `scan_export::selective_scan` stays one opaque
+    node, never the Python loop over chunks, and scan_export.onnx lowers it (ops.py registers the
+    translation, lowering/ emits the Scan or Loop: targets, forms and lowerings to choose from).
+Either way nothing is unrolled and no dimension is specialized.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import torch
@@ -16,6 +22,27 @@ from .validate import check_scan_inputs, compute_dtype
 from ..errors import ScanExportError
 
 SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+# ------------------------------------------------------------------------------------------------
+# Export routing
+
+_OPAQUE = contextvars.ContextVar("scan_export_opaque_ops", default=False)
+
+
+@contextlib.contextmanager
+def opaque_ops():
+    """Inside, an export keeps each of our ops as one custom node (scan_export.onnx.export lowers them)."""
+    token = _OPAQUE.set(True)
+    try:
+        yield
+    finally:
+        _OPAQUE.reset(token)
+
+
+def exporting_plainly() -> bool:
+    """True while torch.export traces (as torch.onnx.export(dynamo=True) does) outside opaque_ops():
+    the drop-ins then trace export_bodies, which torch.onnx.export translates without our help."""
+    return torch.compiler.is_exporting() and not _OPAQUE.get()
 
 
 @torch.library.custom_op("scan_export::selective_scan", mutates_args=())
@@ -78,6 +105,11 @@ def selective_scan_fn(
     Returns out: (b, d, l), and last_state: (b, d, n) float32 (float64 for float64 u) when asked.
     """
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if exporting_plainly():
+        from .export_bodies import selective_scan_body
+
+        out, last_state = selective_scan_body(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+        return (out, last_state) if return_last_state else out
     out, last_state = selective_scan_op(
         u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), int(chunk_size)
     )
@@ -149,6 +181,16 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=SSD_DEFAULT_CHUNK_SIZE,
                                 bool(dt_softplus), dt_limit, return_final_states, True, state_dtype)
     check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     round_to = rounding_dtype(C, state_dtype, compute_dtype(x))
+    if exporting_plainly():
+        if seq_idx is not None or round_to is not None:
+            raise ScanExportError(f"{'seq_idx' if seq_idx is not None else 'state_dtype ' + str(state_dtype)} is not "
+                                  f"supported by a plain torch.onnx.export yet; export with "
+                                  f"scan_export.onnx.export.export(module, args, ...), which supports it")
+        from .export_bodies import ssd_scan_body
+
+        y, final = ssd_scan_body(x, dt, A, B, C, D, z, dt_bias, initial_states, int(chunk_size), bool(dt_softplus),
+                                 (float(dt_limit[0]), float(dt_limit[1])))
+        return (y, final.to(state_dtype_of(C, state_dtype))) if return_final_states else y
     y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, int(chunk_size), bool(dt_softplus),
                            float(dt_limit[0]), float(dt_limit[1]),
                            "" if round_to is None else str(round_to).removeprefix("torch."))
@@ -181,5 +223,8 @@ register_recompute_autograd(causal_conv_op, causal_conv1d_with_state, n_tensors=
 def causal_conv(x, conv_state, weight, bias=None):
     """x: (b, l, c) channels-last, conv_state: (b, K−1, c), weight: (c, 1, K) -> (y, new conv_state).
 
-    One exportable node: lowered to Slice/Mul/Add (portable) or CausalConvWithState (native, opset 27)."""
+    One exportable node: lowered to Slice/Mul/Add (portable) or CausalConvWithState (native, opset 27);
+    a plain export traces the reference's slices instead."""
+    if exporting_plainly():
+        return causal_conv1d_with_state(x, conv_state, weight, bias)
     return causal_conv_op(x, conv_state, weight, bias)
