@@ -182,14 +182,14 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=SSD_DEFAULT_CHUNK_SIZE,
     check_ssd_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
     round_to = rounding_dtype(C, state_dtype, compute_dtype(x))
     if exporting_plainly():
-        if seq_idx is not None or round_to is not None:
-            raise ScanExportError(f"{'seq_idx' if seq_idx is not None else 'state_dtype ' + str(state_dtype)} is not "
-                                  f"supported by a plain torch.onnx.export yet; export with "
-                                  f"scan_export.onnx.export.export(module, args, ...), which supports it")
+        if round_to is not None:
+            raise ScanExportError(f"state_dtype {state_dtype} (narrower than the compute dtype) is not supported by "
+                                  f"a plain torch.onnx.export yet; export with scan_export.onnx.export.export(module, "
+                                  f"args, ...), which supports it")
         from .export_bodies import ssd_scan_body
 
         y, final = ssd_scan_body(x, dt, A, B, C, D, z, dt_bias, initial_states, int(chunk_size), bool(dt_softplus),
-                                 (float(dt_limit[0]), float(dt_limit[1])))
+                                 (float(dt_limit[0]), float(dt_limit[1])), seq_idx)
         return (y, final.to(state_dtype_of(C, state_dtype))) if return_final_states else y
     y, final = ssd_scan_op(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, int(chunk_size), bool(dt_softplus),
                            float(dt_limit[0]), float(dt_limit[1]),

@@ -118,12 +118,19 @@ def selective_scan_body(u, delta, A, B, C, D=None, z=None, delta_bias=None, init
     return y.to(dtype_in), h.transpose(2, 3).flatten(1, 2)  # last_state: (b, d, n)
 
 
-def ssd_scan_body(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, chunk_size=64,
-                  dt_softplus=False, dt_limit=(0.0, math.inf)):
-    """mamba_chunk_scan_combined's arithmetic as torch ops -> (y, final): one step when l == 1, else
-    one scan over chunks (torch.cond, an ONNX If, as in lowering/ssd.py).
+# A step's log-decay where a packed sequence starts (seq_idx changes): exp of it, and of every
+# cumsum through it, is exactly 0, so no state crosses the boundary. Finite, not -inf: the masked
+# cumsums multiply by 0, and -inf * 0 is NaN.
+RESET_LOG_DECAY = -1e30
 
-    x, z: (b, l, h, p)  dt: (b, l, h)  A, dt_bias: (h,)  B, C: (b, l, g, n)  D: (h,) | (h, p)"""
+
+def ssd_scan_body(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, chunk_size=64,
+                  dt_softplus=False, dt_limit=(0.0, math.inf), seq_idx=None):
+    """mamba_chunk_scan_combined's arithmetic as torch ops -> (y, final): one scan over chunks of
+    min(l, chunk_size) (_ssd_chunk_scan; a decode step is one 1x1 chunk).
+
+    x, z: (b, l, h, p)  dt: (b, l, h)  A, dt_bias: (h,)  B, C: (b, l, g, n)  D: (h,) | (h, p)
+    seq_idx: (b, l) integers, packed sequences."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ScanExportError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dtype_in, f = x.dtype, compute_dtype(x)
@@ -140,6 +147,10 @@ def ssd_scan_body(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=N
     if lo > 0.0 or hi < math.inf:
         dt = dt.clamp(min=lo, max=hi)
     a, xdt = dt * A.to(f), xf * dt.unsqueeze(-1)  # (b, l, h), (b, l, h, p)
+    if seq_idx is not None:  # seq_idx: (b, l); the state restarts where it changes, and initial_states
+        # belongs to sequence 0 (a row that starts with another id starts from zeros), as in mamba_ssm.
+        starts = torch.cat([seq_idx[:, :1] != 0, seq_idx[:, 1:] != seq_idx[:, :-1]], dim=1)  # (b, l)
+        a = torch.where(starts.unsqueeze(-1), torch.full_like(a, RESET_LOG_DECAY), a)
     s0 = initial_states.to(f) if initial_states is not None else xf.new_zeros(b, h, p, n)
     y, final = _ssd_chunk_scan(a, xdt, B.to(f), C.to(f), s0, g, r, T)
     if D is not None:
