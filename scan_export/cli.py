@@ -146,6 +146,8 @@ def _add_bench(sub):
     p = sub.add_parser("bench", help="time the scan implementations side by side")
     p.add_argument("--model", action="store_true", help="whole-model prefill/decode vs transformers instead of the scan")
     p.add_argument("--ssd", action="store_true", help="the Mamba-2 SSD scan instead of the Mamba-1 scan")
+    p.add_argument("--export-memory", action="store_true",
+                   help="peak RSS and time of export-model on a 130m-shaped and a 3.3 GB checkpoint (random weights)")
     p.add_argument("--regime", default=None, choices=["easy", "init", "heavy"],
                    help="scan and --ssd only: the input regime (default: init)")
     p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per contender (default: 5; 3 with --model)")
@@ -177,8 +179,8 @@ def cmd_bench(args):
                         write_json)
     from .onnx.output_dir import check_output_file
 
-    if args.model and args.ssd:
-        raise ScanExportError("bench: --model and --ssd each choose what to time; give one of them")
+    if args.model + args.ssd + args.export_memory > 1:
+        raise ScanExportError("bench: --model, --ssd and --export-memory each choose what to time; give one of them")
     model_only = {"configs": "--configs", "model_type": "--model-type", "prefill_len": "--prefill-len",
                   "decode_tokens": "--decode-tokens"}
     if not args.model:
@@ -191,7 +193,14 @@ def cmd_bench(args):
         require_flag(args, "the Mamba-1 scan bench (no --ssd, no --model)", {"plain": "--plain"})
     if args.json_path is not None:
         check_output_file(args.json_path, ours=_bench_json_is_ours, what="--json")
-    if args.ssd:
+    if args.export_memory:
+        from .bench import bench_export_memory, format_export_memory_bench
+
+        require_flag(args, "the scan benches (no --export-memory)", {"regime": "--regime", "chunk_size": "--chunk-size",
+                                                                    "repeats": "--repeats"})
+        results = bench_export_memory()
+        print(format_export_memory_bench(results))
+    elif args.ssd:
         results = bench_ssd(regime=args.regime or "init", repeats=args.repeats or 5)
         print(format_ssd_bench(results))
     elif args.model:
@@ -234,6 +243,8 @@ def _add_export_model(sub):
     p.add_argument("--scan-form", default=None, choices=list(SCAN_FORMS),
                    help="Mamba-1 only: a Scan over time steps (sequential; fastest on CPU) or a Loop over chunks "
                         f"(chunked; parallel within a chunk) (default: {DEFAULT_SCAN_FORM})")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are drawn on stderr only when it is a terminal)")
     p.set_defaults(func=cmd_export_model)
 
 
@@ -241,9 +252,12 @@ def cmd_export_model(args):
     import json
 
     from .onnx.model_export import DESCRIPTION_FILE, export_model
+    from .progress import terminal
 
-    out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
-                       lowering=args.lowering, scan_form=args.scan_form, force=args.force, revision=args.revision)
+    with terminal(enabled=False if args.quiet else None) as progress:
+        out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
+                           lowering=args.lowering, scan_form=args.scan_form, force=args.force, revision=args.revision,
+                           progress=progress)
     d = json.loads((out / DESCRIPTION_FILE).read_text())
     print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}, "
           f"IR {d['ir_version']}, opset {d['opset']}, {d['node_count']} nodes")

@@ -325,8 +325,8 @@ def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
     raise ScanExportError(f"checkpoint_dir {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
 
 
-def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
-    """Build a MambaLM from a local HF checkpoint; every parameter must be found by name."""
+def read_mamba_config(checkpoint_dir) -> MambaLMConfig:
+    """The checked MambaLMConfig of a local HF checkpoint; mistakes name config.json and the field."""
     cfg_path = Path(checkpoint_dir) / "config.json"
     raw = read_hf_config(checkpoint_dir)
     try:
@@ -338,19 +338,33 @@ def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
         if isinstance(e, ScanExportError):
             raise ScanExportError(f"{cfg_path}: {e}") from None
         raise ScanExportError(f"{cfg_path}: a field has the wrong type or value ({e})") from None
-    model = MambaLM(cfg)
-    state = load_hf_state_dict(checkpoint_dir)
-    state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}  # old name
-    if "lm_head.weight" not in state and cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state.get("backbone.embeddings.weight")
-    wanted = dict(model.named_parameters())
-    missing = sorted(k for k in wanted if state.get(k) is None)
+    return cfg
+
+
+def checkpoint_names(checkpoint_dir, cfg: MambaLMConfig, shapes: dict, wanted: dict) -> dict[str, str]:
+    """{parameter name: checkpoint tensor name} for every parameter in wanted ({name: shape}), given
+    the checkpoint's {name: shape}: the old `backbone.embedding.` name is accepted, a tied lm_head
+    reads the embeddings. Raises naming the missing weights, or the first one of the wrong shape."""
+    names = {k.replace("backbone.embedding.", "backbone.embeddings."): k for k in shapes}  # old name
+    if "lm_head.weight" not in names and cfg.tie_word_embeddings and "backbone.embeddings.weight" in names:
+        names["lm_head.weight"] = names["backbone.embeddings.weight"]
+    missing = sorted(k for k in wanted if k not in names)
     if missing:
         raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r} is missing {len(missing)} weight(s) config.json "
                               f"asks for: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    for k, p in wanted.items():
-        if tuple(state[k].shape) != tuple(p.shape):
-            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {k} expected shape {tuple(p.shape)} "
-                                  f"(from config.json), got {tuple(state[k].shape)}")
-    model.load_state_dict({k: state[k] for k in wanted}, strict=True)
+    for k, shape in wanted.items():
+        if tuple(shapes[names[k]]) != tuple(shape):
+            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {k} expected shape {tuple(shape)} "
+                                  f"(from config.json), got {tuple(shapes[names[k]])}")
+    return {k: names[k] for k in wanted}
+
+
+def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
+    """Build a MambaLM from a local HF checkpoint; every parameter must be found by name."""
+    cfg = read_mamba_config(checkpoint_dir)
+    model = MambaLM(cfg)
+    state = {k: v for k, v in load_hf_state_dict(checkpoint_dir).items() if v is not None}
+    wanted = {k: p.shape for k, p in model.named_parameters()}
+    names = checkpoint_names(checkpoint_dir, cfg, {k: v.shape for k, v in state.items()}, wanted)
+    model.load_state_dict({k: state[names[k]] for k in wanted}, strict=True)
     return model.to(dtype).eval()
