@@ -187,10 +187,26 @@ def _row(name: str, ours, theirs, f64, bar: float | None, floor: float) -> Row:
     return Row(mine, ref, bar if bar is not None else max(MARGIN * ref.rel, floor))
 
 
-def verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS, n_tokens: int = 32,
-                  n_prompts: int = 3, provider: str = "cpu", seed: int = 0, rtol: float | None = None) -> VerifyReport:
+def verify_export(export_dir, checkpoint_dir, **kw) -> VerifyReport:
     """rtol: a fixed bar on each output's relative error vs float64; None (default): MARGIN × the error
-    transformers makes in the export's dtype, at least FLOOR."""
+    transformers makes in the export's dtype, at least FLOOR. transformers stays quiet meanwhile: its
+    "Loading weights" bars and "falling back to its reference PyTorch implementation" notices say
+    nothing a user of verify can act on."""
+    import transformers
+
+    log = transformers.utils.logging
+    verbosity = log.get_verbosity()
+    log.set_verbosity_error()
+    log.disable_progress_bar()
+    try:
+        return _verify_export(export_dir, checkpoint_dir, **kw)
+    finally:
+        log.set_verbosity(verbosity)
+        log.enable_progress_bar()
+
+
+def _verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS, n_tokens: int = 32,
+                   n_prompts: int = 3, provider: str = "cpu", seed: int = 0, rtol: float | None = None) -> VerifyReport:
     import torch
 
     if rtol is not None and not rtol > 0:
