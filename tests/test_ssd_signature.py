@@ -346,14 +346,21 @@ def test_mamba2_block_exports_with_seq_idx_input(mamba2_block):
     batch, seqlen = torch.export.Dim("batch"), torch.export.Dim("seqlen")
     model = export(block, (torch.randn(2, 40, 16), packed_seq_idx([[20, 20], [40]])),
                    dynamic_shapes=({0: batch, 1: seqlen}, {0: batch, 1: seqlen}), input_names=["u", "seq_idx"])
-    session = make_session(model.SerializeToString(), "cpu")
-    for rows in ([[1], [1]], [[10, 27], [37]], [[16, 48, 36], [7, 9, 80, 4]]):  # 3 lengths: 1, 37, 100
+    assert_block_session_matches(make_session(model.SerializeToString(), "cpu"), block)
+
+
+def assert_block_session_matches(session, block, against_float64=False):
+    """The exported packed block at 3 lengths (1, 37, 100) against eager (and float64), <= RTOL."""
+    for rows in ([[1], [1]], [[10, 27], [37]], [[16, 48, 36], [7, 9, 80, 4]]):
         seq_idx = packed_seq_idx(rows)
         u = torch.randn(2, seq_idx.shape[1], 16)
         got = session.run(None, {"u": u.numpy(), "seq_idx": seq_idx.numpy()})[0]
         with torch.no_grad():
-            want = block(u, seq_idx)
-        assert rel_err(got, want) < RTOL, rows
+            assert rel_err(got, block(u, seq_idx)) < RTOL, rows
+            if against_float64:
+                want64 = block.double()(u.double(), seq_idx)
+                block.float()
+                assert rel_err(got, want64) < RTOL, rows
 
 
 def test_mamba2_block_with_seq_idx_exports_with_plain_torch_onnx_export(mamba2_block):
@@ -375,14 +382,5 @@ def test_mamba2_block_with_seq_idx_exports_with_plain_torch_onnx_export(mamba2_b
     hist = lambda m: sorted(n.op_type for n in m.graph.node)  # noqa: E731
     assert hist(model) == hist(plain(24)) and "Scan" in hist(model)
     onnx.checker.check_model(model, full_check=True)
-    session = make_session(model.SerializeToString(), "cpu")
-    for rows in ([[1], [1]], [[10, 27], [37]], [[16, 48, 36], [7, 9, 80, 4]]):  # 3 lengths: 1, 37, 100
-        seq_idx = packed_seq_idx(rows)
-        u = torch.randn(2, seq_idx.shape[1], 16)
-        got = session.run(None, {"u": u.numpy(), "seq_idx": seq_idx.numpy()})[0]
-        with torch.no_grad():
-            want = block(u, seq_idx)
-            want64 = block.double()(u.double(), seq_idx)
-        block.float()
-        # The project's parity budget (1e-5); measured ~3e-7, float32 rounding of the same algebra.
-        assert rel_err(got, want) < RTOL and rel_err(got, want64) < RTOL, rows
+    # The project's parity budget (1e-5); measured ~3e-7, float32 rounding of the same algebra.
+    assert_block_session_matches(make_session(model.SerializeToString(), "cpu"), block, against_float64=True)
