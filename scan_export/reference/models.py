@@ -13,7 +13,6 @@ them (transformers keeps (b, d, K) and (b, d, n); verify maps between the two).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .custom_ops import causal_conv, mamba_chunk_scan_combined, selective_scan_fn
-from ..errors import ScanExportError
+from ..errors import ScanExportError, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
 
@@ -281,13 +280,7 @@ def read_hf_config(checkpoint_dir) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ScanExportError(f"checkpoint_dir {str(path)!r} has no config.json; expected a Hugging Face checkpoint directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScanExportError(f"{cfg_path}: expected JSON, got a parse error ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ScanExportError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
-    return cfg
+    return read_json_object(cfg_path)
 
 
 def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
