@@ -6,8 +6,9 @@ no torch). `import scan_export` is light; the drop-in ops load torch on first us
 """
 
 __version__ = "0.1.0"
-_LAZY = {"selective_scan_fn": ".reference.custom_ops", "mamba_chunk_scan_combined": ".reference.custom_ops"}
-__all__ = ["mamba_chunk_scan_combined", "selective_scan_fn"]
+_LAZY = {"selective_scan_fn": ".reference.custom_ops", "mamba_chunk_scan_combined": ".reference.custom_ops",
+         "selective_state_update": ".reference.state_update"}
+__all__ = ["mamba_chunk_scan_combined", "selective_scan_fn", "selective_state_update"]
 
 
 def __getattr__(name):

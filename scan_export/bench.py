@@ -43,7 +43,40 @@ def interleaved_ms(fns: dict, repeats: int) -> dict:
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def bench_scan(shapes=SCAN_SHAPES, regime: str = "init", repeats: int = 5, chunk_size: int | None = None) -> dict:
+PLAIN = "onnxruntime CPU, plain torch.onnx.export (Scan)"
+WRAPPER = "onnxruntime CPU, scan_export.onnx.export (Scan)"
+ROUTE_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def export_routes(tmp) -> dict:
+    """A module calling selective_scan_fn (the bench's options: D, delta_bias, softplus; B, C (b, n, l)),
+    exported by the plain torch.onnx.export(dynamo=True) and by our wrapper -> {row name: session}."""
+    import torch
+
+    from . import selective_scan_fn
+    from .onnx.export import export, save_model
+    from .reference.regimes import make_scan_inputs
+    from .runtime import make_session
+
+    class Scan(torch.nn.Module):
+        def forward(self, u, delta, A, B, C, D, delta_bias):
+            return selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, True)
+
+    kw = make_scan_inputs("init", 1, 8, 4, 16, 1, with_z=False)
+    args = tuple(kw[k] for k in ROUTE_INPUTS)
+    dyn = torch.export.Dim.DYNAMIC
+    bl = {0: dyn, 2: dyn}
+    dims = {0: dyn, 1: dyn}  # d and n too: the bench's shapes differ from the example's
+    shapes = (bl | {1: dyn}, bl | {1: dyn}, dims, bl | {1: dyn}, bl | {1: dyn}, {0: dyn}, {0: dyn})
+    plain = torch.onnx.export(Scan(), args, dynamo=True, dynamic_shapes=shapes, verbose=False).model_proto
+    wrapper = export(Scan(), args, dynamic_shapes=shapes)
+    return {name: make_session(save_model(model, Path(tmp) / f"{i}.onnx"), "cpu")
+            for i, (name, model) in enumerate(((WRAPPER, wrapper), (PLAIN, plain)))}
+
+
+def bench_scan(shapes=SCAN_SHAPES, regime: str = "init", repeats: int = 5, chunk_size: int | None = None,
+               plain: bool = False) -> dict:
+    """plain: also time a module's graph from the plain torch.onnx.export against our wrapper's, in turn."""
     import torch
 
     from .onnx.export import save_model
@@ -60,6 +93,7 @@ def bench_scan(shapes=SCAN_SHAPES, regime: str = "init", repeats: int = 5, chunk
         for form in ("sequential", "chunked"):
             spec = ScanModelSpec(with_z=False, with_initial_state=False, chunk_size=chunk_size, scan_form=form)
             sessions[form] = make_session(save_model(build_scan_model(spec), Path(tmp) / f"scan-{form}.onnx"), "cpu")
+        routes = export_routes(tmp) if plain else {}
         for b, d, n, l in shapes:
             kw = make_scan_inputs(regime, b, d, n, l, 1, with_z=False)
             kw.pop("z"), kw.pop("initial_state")
@@ -74,12 +108,17 @@ def bench_scan(shapes=SCAN_SHAPES, regime: str = "init", repeats: int = 5, chunk
             with torch.inference_mode():
                 times = {name: median_ms(fn, max(2, repeats // 2) if "sequential" in name else repeats)
                          for name, fn in impls.items()}
+            # The two export routes alternate run by run, so the machine's drift lands on both.
+            ordered = [feeds[k] for k in ROUTE_INPUTS]
+            times |= interleaved_ms({name: (lambda s=s, f=dict(zip([i.name for i in s.get_inputs()], ordered)): s.run(None, f))
+                                     for name, s in routes.items()}, repeats) if routes else {}
             base = times[BASELINE]
             results["shapes"].append({
                 "shape": {"batch": b, "dim": d, "dstate": n, "seqlen": l},
                 "median_ms": times,
                 "speedup_vs_mamba_mini": {k: base / v for k, v in times.items()},
                 "speedup_vs_sequential": {k: times["eager sequential (selective_scan_ref)"] / v for k, v in times.items()},
+                **({"plain_over_wrapper": times[PLAIN] / times[WRAPPER]} if routes else {}),
             })
     return results
 
@@ -93,6 +132,8 @@ def format_scan_bench(results: dict) -> str:
         for name, ms in entry["median_ms"].items():
             lines.append(f"  {name:<52} {ms:>10.1f} {entry['speedup_vs_mamba_mini'][name]:>16.2f} "
                          f"{entry['speedup_vs_sequential'][name]:>16.2f}")
+        if "plain_over_wrapper" in entry:
+            lines.append(f"  plain export / wrapper export time: {entry['plain_over_wrapper']:.2f}x (the two timed in turn)")
     return "\n".join(lines)
 
 
@@ -301,3 +342,148 @@ def format_ssd_bench(results: dict) -> str:
     for k, v in results["median_ms"].items():
         lines.append(f"  {k:<48} {v:>10.1f} {results['speedup_vs_sequential'][k]:>16.2f}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Export memory: peak RSS and time of export_model, each in a fresh child process
+
+# (name, checkpoint maker, config): "130m" through transformers (tiny.MAMBA_130M); "3g": untied
+# embeddings and lm_head at hidden 4096 (a 7B's width), four layers: 3.33 GB of fp32 weights.
+SYNTHETIC_3G = dict(vocab_size=50280, hidden_size=4096, num_hidden_layers=4, tie_word_embeddings=False)
+
+
+def make_synthetic_checkpoint(path, seed: int = 0, **config) -> Path:
+    """A random `mamba` checkpoint (config.json + model.safetensors) of any size, written one tensor
+    at a time, without transformers: for memory and speed tests of the export, not for its numerics
+    (values are N(0, 0.02²), A_log = log(1..n), D = 1)."""
+    import math
+
+    import torch
+
+    from .reference.models import MambaLM, MambaLMConfig
+
+    hf = {"model_type": "mamba", "vocab_size": 256, "hidden_size": 64, "state_size": 16, "num_hidden_layers": 2,
+          "conv_kernel": 4, "expand": 2, "tie_word_embeddings": True, "use_bias": False, "use_conv_bias": True,
+          "time_step_rank": "auto", "layer_norm_epsilon": 1e-5, **config}
+    hf["time_step_rank"] = hf["time_step_rank"] if hf["time_step_rank"] != "auto" else math.ceil(hf["hidden_size"] / 16)
+    hf["intermediate_size"] = hf["expand"] * hf["hidden_size"]
+    cfg = MambaLMConfig.from_hf(hf)
+    with torch.device("meta"):
+        shapes = {k: tuple(p.shape) for k, p in MambaLM(cfg).named_parameters()}
+    if hf["tie_word_embeddings"]:
+        shapes.pop("lm_head.weight")
+    header, offset = {}, 0
+    for k, s in shapes.items():
+        n = math.prod(s) * 4
+        header[k] = {"dtype": "F32", "shape": list(s), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    gen = torch.Generator().manual_seed(seed)
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for k, s in shapes.items():
+            if k.endswith("A_log"):
+                t = torch.log(torch.arange(1, s[1] + 1, dtype=torch.float32)).expand(s)
+            elif k.endswith((".D", "norm.weight", "norm_f.weight")):
+                t = torch.ones(s)
+            else:
+                t = torch.randn(s, generator=gen) * 0.02
+            f.write(t.contiguous().numpy().tobytes())
+    return path
+
+
+def _vm(field: str) -> int:
+    """Bytes of a /proc/self/status field (VmRSS: now; VmHWM: the peak so far)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")  # not Linux
+
+
+def export_memory_child(checkpoint_dir, out_dir) -> dict:
+    """Run in a fresh process: export_model with RSS sampled every 5 ms, attributed to the stage the
+    progress callback last announced. Returns the peak (VmHWM) and per-stage peaks and times."""
+    import threading
+
+    stages, current, lock = {}, ["imports"], threading.Lock()
+    t0 = time.perf_counter()
+    stages["imports"] = {"peak_rss": _vm("VmRSS"), "start": t0}
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            with lock:
+                s = stages[current[0]]
+                s["peak_rss"] = max(s["peak_rss"], _vm("VmRSS"))
+
+    def progress(stage, _done, _total):
+        with lock:
+            if stage != current[0]:
+                now = time.perf_counter()
+                stages[current[0]]["seconds"] = now - stages[current[0]]["start"]
+                stages.setdefault(stage, {"peak_rss": 0, "start": now})
+                current[0] = stage
+
+    threading.Thread(target=sample, daemon=True).start()
+    from .onnx.model_export import export_model
+
+    out = export_model(checkpoint_dir, out_dir, force=True, progress=progress)
+    progress("done", 0, 0)
+    done.set()
+    total = time.perf_counter() - t0
+    files = {p.name: p.stat().st_size for p in Path(out).iterdir()}
+    return {"peak_rss": _vm("VmHWM"), "seconds": total, "files": files,
+            "stages": {k: {"peak_rss": v["peak_rss"], "seconds": v.get("seconds", 0.0)}
+                       for k, v in stages.items() if k != "done"}}
+
+
+def bench_export_memory(configs=("130m", "3g"), workdir=None) -> dict:
+    """Peak RSS and time of `export_model` per checkpoint, each export in its own process (so one
+    export's peak cannot hide another's), against the issue's bound 1.5 x weights + 1.5 GB."""
+    import subprocess
+    import sys
+
+    from . import tiny
+
+    results = {"models": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(workdir or tmp)
+        for name in configs:
+            ckpt = root / f"{name}-ckpt"
+            if name == "130m":
+                tiny.make_tiny_checkpoint(ckpt, "mamba", sharpen=False, **tiny.MAMBA_130M)
+            elif name == "3g":
+                make_synthetic_checkpoint(ckpt, **SYNTHETIC_3G)
+            else:
+                raise ScanExportError(f"bench --export-memory: configs must be from 130m,3g, got {name!r}")
+            code = ("import json, sys; from scan_export.bench import export_memory_child; "
+                    "print(json.dumps(export_memory_child(sys.argv[1], sys.argv[2])))")
+            proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(root / f"{name}-export")],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"export of {name} failed:\n{proc.stderr[-4000:]}")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            weights = sum(r["files"].get(f, 0) for f in ("model.onnx", "model.onnx.data"))  # weights + a graph of a few MB
+            r.update(config=name, weight_bytes=weights, bound=1.5 * weights + 1.5e9,
+                     checkpoint_bytes=sum(p.stat().st_size for p in ckpt.glob("*.safetensors")))
+            results["models"].append(r)
+    return results
+
+
+def format_export_memory_bench(results: dict) -> str:
+    gb = 1e9
+    lines = []
+    for m in results["models"]:
+        lines += [f"\n{m['config']}: exported weights {m['weight_bytes'] / gb:.2f} GB (checkpoint "
+                  f"{m['checkpoint_bytes'] / gb:.2f} GB), peak RSS {m['peak_rss'] / gb:.2f} GB = "
+                  f"{m['peak_rss'] / m['weight_bytes']:.2f} x weights (bound 1.5 x + 1.5 GB = {m['bound'] / gb:.2f} GB), "
+                  f"{m['seconds']:.0f} s",
+                  f"  {'stage':<22} {'peak RSS GB':>12} {'seconds':>9}"]
+        for stage, s in m["stages"].items():
+            lines.append(f"  {stage:<22} {s['peak_rss'] / gb:>12.2f} {s['seconds']:>9.1f}")
+    return "\n".join(lines).lstrip("\n")

@@ -128,16 +128,17 @@ def _add_check(sub):
     p = sub.add_parser("check", help="run an op model against the float64 sequential reference")
     p.add_argument("model", help="an op model written by `scan-export scan`")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
-    p.add_argument("--rtol", type=float, default=None, help="relative error bar (default: 1e-5)")
+    p.add_argument("--rtol", type=_float_in(0, math.inf, high_open=True), default=None,
+                   help="relative error allowed per output; default by the model's dtype: "
+                        "float32 1e-5, float16 1e-3, float64 1e-12")
     p.set_defaults(func=cmd_check)
 
 
 def cmd_check(args):
-    from .check import DEFAULT_RTOL, check_scan_model, format_rows
+    from .check import check_scan_model, format_rows
 
-    rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL
-    rows = check_scan_model(args.model, provider=args.provider, rtol=rtol)
-    print(format_rows(rows, rtol))
+    rows = check_scan_model(args.model, provider=args.provider, rtol=args.rtol)
+    print(format_rows(rows, args.rtol))
     return 0 if all(r.passed for r in rows) else 1
 
 
@@ -145,11 +146,15 @@ def _add_bench(sub):
     p = sub.add_parser("bench", help="time the scan implementations side by side")
     p.add_argument("--model", action="store_true", help="whole-model prefill/decode vs transformers instead of the scan")
     p.add_argument("--ssd", action="store_true", help="the Mamba-2 SSD scan instead of the Mamba-1 scan")
+    p.add_argument("--export-memory", action="store_true",
+                   help="peak RSS and time of export-model on a 130m-shaped and a 3.3 GB checkpoint (random weights)")
     p.add_argument("--regime", default=None, choices=["easy", "init", "heavy"],
                    help="scan and --ssd only: the input regime (default: init)")
     p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per contender (default: 5; 3 with --model)")
     p.add_argument("--chunk-size", type=positive_int, default=None,
                    help="scan only: the chunked form's T (default: 16)")
+    p.add_argument("--plain", action="store_const", const=True, default=None,
+                   help="scan only: also time a module exported by plain torch.onnx.export against our export()")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here (a new file, or one bench wrote)")
     p.add_argument("--configs", default=None, help="with --model: comma-separated, from tiny,130m (and for granitemoehybrid moe-8e,moe-32e: "
                         "6 of its 130m layers with 8 or 32 experts, top 2; default: tiny,130m)")
@@ -176,8 +181,8 @@ def cmd_bench(args):
                         write_json)
     from .onnx.output_dir import check_output_file
 
-    if args.model and args.ssd:
-        raise ScanExportError("bench: --model and --ssd each choose what to time; give one of them")
+    if args.model + args.ssd + args.export_memory > 1:
+        raise ScanExportError("bench: --model, --ssd and --export-memory each choose what to time; give one of them")
     model_only = {"configs": "--configs", "model_type": "--model-type", "prefill_len": "--prefill-len",
                   "decode_tokens": "--decode-tokens"}
     if not args.model:
@@ -186,9 +191,18 @@ def cmd_bench(args):
         require_flag(args, "the scan benches (no --model)", {"regime": "--regime", "chunk_size": "--chunk-size"})
     if args.ssd:
         require_flag(args, "the Mamba-1 scan bench (no --ssd)", {"chunk_size": "--chunk-size"})
+    if args.ssd or args.model:
+        require_flag(args, "the Mamba-1 scan bench (no --ssd, no --model)", {"plain": "--plain"})
     if args.json_path is not None:
         check_output_file(args.json_path, ours=_bench_json_is_ours, what="--json")
-    if args.ssd:
+    if args.export_memory:
+        from .bench import bench_export_memory, format_export_memory_bench
+
+        require_flag(args, "the scan benches (no --export-memory)", {"regime": "--regime", "chunk_size": "--chunk-size",
+                                                                    "repeats": "--repeats"})
+        results = bench_export_memory()
+        print(format_export_memory_bench(results))
+    elif args.ssd:
         results = bench_ssd(regime=args.regime or "init", repeats=args.repeats or 5)
         print(format_ssd_bench(results))
     elif args.model:
@@ -200,7 +214,8 @@ def cmd_bench(args):
                               model_type=args.model_type or "mamba")
         print(format_model_bench(results))
     else:
-        results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size)
+        results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size,
+                             plain=bool(args.plain))
         print(format_scan_bench(results))
     if args.json_path:
         write_json({"written_by": PROG, **results}, args.json_path)
@@ -230,6 +245,8 @@ def _add_export_model(sub):
     p.add_argument("--scan-form", default=None, choices=list(SCAN_FORMS),
                    help="Mamba-1 only: a Scan over time steps (sequential; fastest on CPU) or a Loop over chunks "
                         f"(chunked; parallel within a chunk) (default: {DEFAULT_SCAN_FORM})")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are drawn on stderr only when it is a terminal)")
     p.set_defaults(func=cmd_export_model)
 
 
@@ -237,9 +254,12 @@ def cmd_export_model(args):
     import json
 
     from .onnx.model_export import DESCRIPTION_FILE, export_model
+    from .progress import terminal
 
-    out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
-                       lowering=args.lowering, scan_form=args.scan_form, force=args.force, revision=args.revision)
+    with terminal(enabled=False if args.quiet else None) as progress:
+        out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
+                           lowering=args.lowering, scan_form=args.scan_form, force=args.force, revision=args.revision,
+                           progress=progress)
     d = json.loads((out / DESCRIPTION_FILE).read_text())
     print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}, "
           f"IR {d['ir_version']}, opset {d['opset']}, {d['node_count']} nodes")
@@ -312,8 +332,12 @@ def cmd_generate(args):
         if not ids:
             raise ScanExportError(f"--prompt {args.prompt!r} encodes to no tokens; expected text giving at least one token")
     else:
-        tokenizer = None  # ids in, ids out: --input-ids never reads tokenizer.json (nor trips on a bad one)
         ids = parse_input_ids(args.input_ids, model.vocab_size)
+        try:  # ids need no tokenizer; one that is there turns the output into text, a broken one does not stop us
+            tokenizer = load_tokenizer(args.export_dir, required=False)
+        except ScanExportError as e:
+            print(f"{PROG}: note: {_one_line(e)}; printing token ids instead of text", file=sys.stderr)
+            tokenizer = None
     opts = generate_options(args)
     if opts["stop_token_id"] is not None and opts["stop_token_id"] >= model.vocab_size:
         raise ScanExportError(f"--stop-token-id: expected a token id in [0, {model.vocab_size}) (the export's "
@@ -337,18 +361,26 @@ def cmd_generate(args):
 
 
 def _add_verify(sub):
-    p = sub.add_parser("verify", help="compare an export with transformers on its checkpoint")
+    from .verify import FLOOR, MARGIN
+
+    p = sub.add_parser("verify", help="judge an export against transformers in float64 on its checkpoint")
     p.add_argument("export_dir", help="a directory written by export-model")
-    p.add_argument("--checkpoint", required=True, help="the checkpoint directory it was exported from")
+    p.add_argument("--checkpoint", required=True, help="the HF checkpoint directory the export was made from")
     p.add_argument("--tokens", type=positive_int, default=32, help="greedy tokens compared per prompt")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    p.add_argument("--rtol", type=_float_in(0, math.inf, high_open=True), default=None,
+                   help="a fixed bar on each output's relative error (max|err| / max|ref|) against "
+                        f"transformers float64. Default: {MARGIN:g} x the error transformers itself makes "
+                        "in the export's dtype (float32, or float16 for fp16 exports) against float64, "
+                        f"at least {FLOOR['float32']:g} (float32) / {FLOOR['float16']:g} (float16)")
     p.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(args):
     from .verify import verify_export
 
-    report = verify_export(args.export_dir, args.checkpoint, n_tokens=args.tokens, provider=args.provider)
+    report = verify_export(args.export_dir, args.checkpoint, n_tokens=args.tokens, provider=args.provider,
+                           rtol=args.rtol)
     print(report.format())
     return 0 if report.passed else 1
 
@@ -370,6 +402,20 @@ def cmd_demo(args):
     return 0 if run_demo(args.workdir, args.model_type, args.tokens) else 1
 
 
+def _add_doctor(sub):
+    p = sub.add_parser("doctor", help="report the onnxruntime build and providers, and run check and generate on each")
+    p.add_argument("--provider", action="append", choices=["cpu", "cuda"], default=None,
+                   help="provider to exercise; repeat for several (default: every one this build has)")
+    p.add_argument("--tokens", type=positive_int, default=16, help="greedy tokens per generation")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args):
+    from .doctor import run_doctor
+
+    return 0 if run_doctor(args.provider, args.tokens, say=lambda line: print(line, flush=True)) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -378,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_scan, _add_check, _add_bench, _add_export_model, _add_generate, _add_verify, _add_demo):
+    for add in (_add_scan, _add_check, _add_bench, _add_export_model, _add_generate, _add_verify, _add_demo, _add_doctor):
         add(_Subparsers(sub))
     return parser
 

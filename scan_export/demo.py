@@ -63,7 +63,8 @@ def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=No
         generate(model, [prompt], n_tokens, on_token=lambda _row, tok: print(f" {tok}", end="", file=out, flush=True))
         say(f"  ({1e3 * (time.perf_counter() - t2) / n_tokens:.1f} ms/token)")
         report = verify_export(export_dir, ckpt)
-        say("4. verify against transformers (logits at prompt lengths 1, 7, 64, 100; states; 3 × 32 greedy tokens)")
+        say("4. verify against transformers float64, bar from transformers float32 (logits at prompt lengths "
+            "1, 7, 64, 100; states; 3 × 32 greedy tokens)")
         say("   " + report.format().replace("\n", "\n   "))
         say(f"done in {time.perf_counter() - t0:.1f} s: {'PASS' if report.passed else 'FAIL'}")
         return report.passed

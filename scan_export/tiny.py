@@ -85,5 +85,9 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
                 if name.endswith(suffixes) and "conv1d" not in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / p.shape[-1] ** 0.5))
     path = Path(path)
-    model.save_pretrained(path)
+    tf.utils.logging.disable_progress_bar()  # "Writing model shards" for a 1-shard toy is noise
+    try:
+        model.save_pretrained(path)
+    finally:
+        tf.utils.logging.enable_progress_bar()
     return path

@@ -3,6 +3,7 @@
 import json
 
 import onnx
+import pytest
 
 from scan_export.bench import bench_scan
 from scan_export.cli import build_parser, main, scan_spec_from_args
@@ -92,7 +93,7 @@ def test_every_flag_has_help_with_its_default():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"scan", "check", "bench", "export-model", "generate", "verify", "demo"}
+    assert set(sub.choices) == {"scan", "check", "bench", "export-model", "generate", "verify", "demo", "doctor"}
     for name, p in sub.choices.items():
         text = p.format_help()
         for action in p._actions:
@@ -110,3 +111,22 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"scan-export {__version__}"
+
+
+def test_doctor_runs_check_and_generate_on_cpu(capsys):
+    """The same report a GPU machine gives, on CPU: both scan forms pass check and agree on tokens."""
+    assert main(["doctor", "--provider", "cpu", "--tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    for form in ("sequential", "chunked"):
+        assert f"check     cpu   {form:<10} 18/18 cases" in out and f"generate  cpu   {form}" in out
+    assert "tokens    identical" in out and out.strip().endswith("PASS")
+
+
+def test_doctor_refuses_a_missing_provider(capsys):
+    from scan_export.runtime.session import has_cuda_provider
+
+    if has_cuda_provider():
+        pytest.skip("this onnxruntime has CUDA")
+    assert main(["doctor", "--provider", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--provider cuda" in err[0]

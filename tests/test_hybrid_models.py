@@ -192,3 +192,21 @@ def test_node_count_does_not_depend_on_export_length(tmp_path):
     ha, hb = (op_histogram(onnx.load(str(p / "model.onnx"))) for p in (a, b))
     assert ha == hb
     assert ha["Loop"] == 1 + 2 and ha["If"] == 1 + 2  # the Mamba layer's SSD; each layer's MoE
+
+
+def test_io_binding_decode_equals_plain(exported):
+    """The bound decoder (the CUDA default) keeps KV caches on the device and lets onnxruntime grow
+    them; on CPU it must give exactly the plain path's tokens and final state."""
+    from scan_export.runtime.binding import BoundDecoder, PlainDecoder
+    from scan_export.runtime.generate import prefill
+
+    _, _, _, model = exported
+    plain_logits, state = prefill(model, PROMPTS)
+    plain, bound = PlainDecoder(model, state), BoundDecoder(model, state)
+    tokens = plain_logits.argmax(-1)
+    for _ in range(6):
+        a, b = plain(tokens), bound(tokens)
+        np.testing.assert_array_equal(a, b)  # same session, same inputs: bit-identical
+        tokens = a.argmax(-1)
+    for x, y in zip(plain.state, bound.state()):
+        np.testing.assert_array_equal(x, y)

@@ -139,13 +139,11 @@ def test_a_failed_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
 
 SIGNAL_SCRIPT = r"""
 import sys, time
-import scan_export.onnx.model_export as me
-real = me.describe
-def slow(*a, **k):
-    print("STAGED", flush=True)  # the staging directory exists and the traced graph is in memory
+import scan_export.onnx.export as ex
+def slow(*a, **k):  # stands in for the trace: the signal arrives while the staging directory exists
+    print("STAGED", flush=True)
     time.sleep(60)
-    return real(*a, **k)
-me.describe = slow
+ex.export = slow
 from scan_export.cli import main
 sys.exit(main(["export-model", sys.argv[1], "--out", sys.argv[2]]))
 """

@@ -134,7 +134,9 @@ def test_corrupt_tokenizer_only_matters_to_text(dirs, capsys):
             use()
         assert str(e.value).startswith(bad) and "\n" not in str(e.value)
     assert main(["generate", str(dirs["corrupt"]), "--input-ids", "5,6,7", "--max-new-tokens", str(N), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"tokens": generate(plain, IDS[:1], N)[0], "text": None}
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"tokens": generate(plain, IDS[:1], N)[0], "text": None}
+    assert err.count("\n") == 1 and "note:" in err and bad in err  # one line saying why there is no text
     assert main(["generate", str(dirs["corrupt"]), "--prompt", "hello", "--max-new-tokens", "2"]) == 2
     assert bad in capsys.readouterr().err
 

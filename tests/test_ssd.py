@@ -172,8 +172,8 @@ def test_bad_ssd_input_is_named():
         ssd_scan_ref(**{**kw, "B": torch.randn(2, 10, 3, 16), "C": torch.randn(2, 10, 3, 16)})
     with pytest.raises(ValueError, match=r"dt must have shape \(batch, seqlen, heads\) = \(2, 10, 4\), got \(2, 11, 4\)"):
         ssd_scan_chunked(**{**kw, "dt": torch.randn(2, 11, 4)})
-    with pytest.raises(ValueError, match="seq_idx"):
-        mamba_chunk_scan_combined(**kw, seq_idx=torch.zeros(2, 10, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_idx must have shape \(batch, seqlen\) = \(2, 10\), got \(2, 11\)"):
+        mamba_chunk_scan_combined(**kw, seq_idx=torch.zeros(2, 11, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("regime", REGIMES)

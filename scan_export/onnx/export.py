@@ -66,7 +66,7 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
         else:
             cfg = SSDConfig(io_dtype=a["io_dtype"], chunk_size=a["chunk_size"], dt_softplus=bool(a["dt_softplus"]),
                             dt_limit=(a["dt_limit_lo"], a["dt_limit_hi"]), d_per_channel=bool(a["d_per_channel"]),
-                            lowering=lowering, heads=a.get("heads") or None)
+                            lowering=lowering, heads=a.get("heads") or None, state_round=a.get("state_round", 0))
             gb = GraphBuilder(f"ssd_scan_{k}")
             out, last_state = emit_ssd_scan(gb, cfg, **dict(zip(SSD_INPUTS, [i or None for i in node.input])))
         # Route the lowering's results to the names the rest of the graph already uses.
@@ -120,25 +120,55 @@ def written_by_us(path: Path) -> bool:
 
 def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_names=None,
            output_names=None, target: str = DEFAULT_TARGET, opset: int | None = None,
-           lowering: str = "portable", scan_form: str = DEFAULT_SCAN_FORM) -> onnx.ModelProto:
+           lowering: str = "portable", scan_form: str = DEFAULT_SCAN_FORM, weights=None,
+           progress=None) -> onnx.ModelProto:
     """torch.onnx.export(dynamo=True) with scan_export's ops lowered, pinned to a target.
 
     lowering applies to Mamba-2 (SSD) scans: "portable" (Loop over chunks, opset >= 18) or
     "native" (ONNX opset 27 LinearAttention; needs a target such as ort-1.32).
     scan_form applies to Mamba-1 scans: "sequential" (default) or "chunked".
+    weights (whole-model export, weights.py): a CheckpointWeights for a module traced with fake
+    parameters; they are written to weights.data_path as the graph's external data right after
+    tracing, and the returned proto refers to that file (it is checked where it is saved, by
+    weights.finish, not here). progress: a progress.Progress called as each step starts and ends.
     Returns the ModelProto and, when path is given, writes it there atomically.
     """
+    import onnx_ir as ir
     import onnxscript
     import torch
 
+    from ..progress import silent
+
+    progress = progress or silent
     tgt = resolve_target(target, opset, lowering=lowering)
     if path is not None:  # refuse a bad path before the export's work, not after
         check_output_file(path, ours=written_by_us)
+    if weights is not None and path is not None:
+        raise ValueError("export: weights (external data) and path exclude each other")  # a bug, not a user mistake
+    progress("tracing", 0, None)
     with _quiet_exporter():
         program = _torch_export(torch, module, args, kwargs, dynamic_shapes, input_names, output_names, tgt)
-    model = onnxscript.optimizer.optimize(lower_custom_ops(program.model_proto, lowering=lowering, scan_form=scan_form))
+    progress("tracing", 1, 1)
+    if weights is not None:
+        weights.attach(program.model, progress)
+    progress("lowering", 0, None)
+    model = lower_custom_ops(program.model_proto, lowering=lowering, scan_form=scan_form)
+    del program
+    progress("lowering", 1, 1)
+    progress("optimizing", 0, None)
+    ir_model = ir.serde.deserialize_model(model)
+    del model
+    if weights is not None:  # the graph's external data lies next to where the model will be saved
+        ir.external_data.set_base_dir(ir_model.graph, weights.base_dir)
+    onnxscript.optimizer.optimize(ir_model)  # in place; what optimize(proto) does between (de)serializing
+    model = ir.serde.serialize_model(ir_model)
+    del ir_model
+    progress("optimizing", 1, 1)
     model.ir_version = tgt.ir_version
-    onnx.checker.check_model(model, full_check=True)
+    if weights is None:
+        progress("checking", 0, None)
+        onnx.checker.check_model(model, full_check=True)
+        progress("checking", 1, 1)
     if path is not None:
         save_model(model, path, check=False)
     return model
@@ -161,11 +191,14 @@ def _quiet_exporter():
 
 
 def _torch_export(torch, module, args, kwargs, dynamic_shapes, input_names, output_names, tgt):
-    return torch.onnx.export(
-        module, tuple(args), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
-        input_names=input_names, output_names=output_names, opset_version=tgt.opset,
-        custom_translation_table=onnx_translation_table(), verbose=False,
-        # Optimize only after lowering: the optimizer's shape inference cannot type our custom
-        # node's outputs and would erase the types the translation set.
-        optimize=False,
-    )
+    from ..reference.custom_ops import opaque_ops
+
+    with opaque_ops():  # our ops stay custom nodes here (a plain export would trace export_bodies)
+        return torch.onnx.export(
+            module, tuple(args), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+            input_names=input_names, output_names=output_names, opset_version=tgt.opset,
+            custom_translation_table=onnx_translation_table(), verbose=False,
+            # Optimize only after lowering: the optimizer's shape inference cannot type our custom
+            # node's outputs and would erase the types the translation set.
+            optimize=False,
+        )

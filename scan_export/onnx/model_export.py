@@ -178,14 +178,10 @@ def describe(cfg, dtype: str, target, node_count: int) -> dict:
     }
 
 
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer)
-
-
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
                  example_seqlen: int = 8, lowering: str | None = None, scan_form: str | None = None,
-                 force: bool = False, revision: str | None = None) -> Path:
+                 force: bool = False, revision: str | None = None, progress=None) -> Path:
     """Export a checkpoint into out_dir and return its path. checkpoint_dir: a local directory, or a
     Hugging Face Hub id ORG/NAME (at `revision`) fetched with huggingface_hub (checkpoint.py).
 
@@ -195,12 +191,17 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     directory first and moved into place only when export, checks and description all succeeded.
     lowering (Mamba-2 only): "portable" (default) or "native"; scan_form (Mamba-1 only):
     "sequential" (default) or "chunked". Asking for one on the other family is refused.
+    progress: a progress.Progress (default: silent), called as each long step starts and ends.
+    The weights are never all in memory: the model is traced with fake parameters and the weights
+    stream from the checkpoint into the output file (weights.py).
     """
     import torch
 
-    from ..reference.models import HYBRID_MODEL_TYPES, load_model, read_hf_config
+    from ..progress import silent
+    from ..reference.models import HYBRID_MODEL_TYPES, read_hf_config
     from .export import export
     from .hybrid_contract import cache_names, describe_hybrid
+    from .weights import DATA_SUFFIX, fake_model, model_bytes
 
     if dtype not in DTYPES:
         raise ScanExportError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
@@ -223,7 +224,10 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         raise ScanExportError(f"target 'genai' supports mamba, falcon_mamba and mamba2 exports; checkpoint "
                               f"{str(checkpoint_dir)!r} is {model_type!r} (use the default target)")
     plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"})
-    model = load_model(checkpoint_dir, dtype=getattr(torch, DTYPES[dtype]))
+    progress = progress or silent
+    progress("loading", 0, None)
+    model, weights = fake_model(checkpoint_dir, getattr(torch, DTYPES[dtype]))  # parameters: fake tensors
+    progress("loading", 1, 1)
     cfg = model.cfg
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
     if hybrid:
@@ -245,6 +249,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         dynamic_shapes = ({0: "batch", 1: "seqlen"}, tuple({0: "batch"} for _ in example_state))
         input_names = ["input_ids", *(i for i, _ in names)]
     with staged_output(plan) as staging:  # SIGTERM/SIGHUP raise from here on, so staging is always cleaned up
+        weights.data_path = staging / (MODEL_FILE + DATA_SUFFIX)
         with torch.no_grad(), warnings.catch_warnings():
             # Every state's batch is the same symbol as input_ids' batch, so torch warns that it
             # "will not use" the name batch for them: it already does.
@@ -253,18 +258,14 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
                 model, example_args, dynamic_shapes=dynamic_shapes, target=tgt.name, opset=tgt.opset,
                 lowering=lowering, scan_form=scan_form,
                 input_names=input_names, output_names=["logits", *(o for _, o in names)],
+                weights=weights, progress=progress,
             )
         add_logits_to_keep(proto, default=GENAI_LOGITS_TO_KEEP if tgt.genai else None)
         description = (describe_hybrid if hybrid else describe)(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
         name_dims(proto, description)
-        onnx.checker.check_model(proto, full_check=True)
-        path = staging / MODEL_FILE
-        if _initializer_bytes(proto) > external_data_bytes:
-            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=MODEL_FILE + ".data", size_threshold=1024, convert_attribute=True)
-            onnx.checker.check_model(str(path), full_check=True)
-        else:
-            onnx.save_model(proto, str(path))
+        # Checked (full) where it is written; one file up to protobuf's limit, else + model.onnx.data.
+        weights.finish(proto, staging / MODEL_FILE, single_file=model_bytes(proto) <= external_data_bytes,
+                       progress=progress)
         description["lowering"] = lowering
         if not mamba2_scans:
             description["scan_form"] = scan_form

@@ -88,9 +88,10 @@ def selective_scan_ref(
         else u.new_zeros(dims.batch, dims.dim, dims.dstate)
     )  # (b, d, n)
     ys = []
-    for i in range(dims.seqlen):
-        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
-        c_i = Cd[..., i] if Cd.shape[-1] > 1 else Cd[..., 0]  # (b|1, d, n)
+    # unbind, not indexing: the backward of l index ops would write l full-size gradients (O(l²)).
+    C_steps = Cd.unbind(-1) if Cd.shape[-1] > 1 else [Cd[..., 0]] * dims.seqlen  # each (b|1, d, n)
+    for dA_i, dBu_i, c_i in zip(deltaA.unbind(2), deltaB_u.unbind(2), C_steps):
+        x = dA_i * x + dBu_i
         ys.append((x * c_i).sum(-1))  # (b, d)
     y = torch.stack(ys, dim=-1)  # (b, d, l)
     out = _finish(y, u, D, z, dtype_in, f)
@@ -166,17 +167,17 @@ def selective_scan_chunked(
         raise ScanExportError(f"chunk_size must be a positive int, got {chunk_size!r}")
     b, d, l, n = dims.batch, dims.dim, dims.seqlen, dims.dstate
     dtype_in, f = u.dtype, compute_dtype(u)
-    g = dims.groups or d  # fixed B/C: one "group" per channel
+    g = dims.groups or d  # both B and C fixed: one "group" per channel
     hd = d // g
     u = u.to(f)
     dt = _prepare_delta(delta, delta_bias, delta_softplus, f)
     dt_g = dt.view(b, g, hd, 1, l)
     du_g = (dt * u).view(b, g, hd, 1, l)
 
-    def grouped(x):  # -> (b|1, g, 1, n, l|1)
+    def grouped(x):  # -> (1, g, hd, n, 1) when fixed (one row per channel), else (b, g, 1, n, l)
         x = x.to(f)
         if x.dim() == 2:
-            return x.reshape(1, g, 1, n, 1)
+            return x.reshape(1, g, hd, n, 1)
         return x.reshape(b, g, 1, n, l)
 
     B_g, C_g = grouped(B), grouped(C)
@@ -187,13 +188,16 @@ def selective_scan_chunked(
         else u.new_zeros(b, g, hd, n)
     )
     ys = []
-    for start in range(0, l, chunk_size):  # every position, including l % T == 1
-        sl = slice(start, min(start + chunk_size, l))
-        dt_c = dt_g[..., sl]
-        B_c = B_g[..., sl] if B_g.shape[-1] > 1 else B_g
-        C_c = C_g[..., sl] if C_g.shape[-1] > 1 else C_g
+    # Chunks by split, not by slicing in the loop: a slice's backward writes a full-length gradient,
+    # which made the backward O(l²/T) (4 s at l = 4096); split's backward is one concatenation.
+    n_chunks = -(-l // chunk_size)  # every position, including l % T == 1
+
+    def chunks(x):  # time-invariant (…, 1) tensors are reused by every chunk
+        return x.split(chunk_size, dim=-1) if x.shape[-1] > 1 else [x] * n_chunks
+
+    for dt_c, du_c, B_c, C_c in zip(chunks(dt_g), chunks(du_g), chunks(B_g), chunks(C_g)):
         S = torch.cumsum(dt_c, dim=-1)  # (b, g, hd, 1, t)
-        X = du_g[..., sl] * B_c  # (b, g, hd, n, t)
+        X = du_c * B_c  # (b, g, hd, n, t)
         # The form choice reads data, which graph capture (torch.compile) cannot branch on;
         # there every chunk takes the always-finite form.
         if not torch.compiler.is_compiling() and chunk_decay(A_g, S[..., -1:]) < PLAIN_MAX_DECAY:
@@ -213,6 +217,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     state: (b, d, n)   x, dt, z: (b, d)   A: (d, n)   B, C: (b, n) | (b, g, n)   D, dt_bias: (d,)
     Returns y: (b, d) in x.dtype and new_state: (b, d, n) in state.dtype.
     Equal to selective_scan_ref on a length-1 sequence with initial_state=state.
+    The functional form (traceable); `scan_export.selective_state_update` is mamba_ssm's in-place one
+    (eager, per-head layouts too). Exported models decode with the scan op at seqlen 1 instead.
     """
     if not isinstance(state, torch.Tensor) or state.dim() != 3:
         got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__

@@ -6,7 +6,10 @@ Glossary (mamba_ssm naming):
 Shapes accepted:
   u, delta, z:        (b, d, l)
   A:                  (d, n), real
-  B, C:               fixed (d, n) | variable (b, n, l) | grouped (b, g, n, l), d % g == 0
+  B, C:               fixed (d, n) | variable (b, n, l) | grouped (b, g, n, l), d % g == 0, each on its own:
+                      one fixed and the other input-dependent is allowed (mamba_ssm's selective_scan_ref
+                      and CUDA kernel accept it); two input-dependent ones must have the same group count
+                      ((b, n, l) counts as one group), as mamba_ssm's CUDA kernel requires
   D, delta_bias:      (d,)
   initial_state:      (b, d, n)
 
@@ -28,7 +31,9 @@ class ScanDims:
     dim: int
     seqlen: int
     dstate: int
-    groups: int  # 0 when B/C are fixed (d, n)
+    groups: int  # groups of the input-dependent one(s) of B, C; 0 when both are fixed (d, n)
+    B_fixed: bool = False  # B is (d, n)
+    C_fixed: bool = False  # C is (d, n)
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -92,8 +97,9 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
     _require_shape("A", A, (d, n), "(dim, dstate)")
     gb = _check_bc("B", B, b, d, l, n)
     gc = _check_bc("C", C, b, d, l, n)
-    if (gb == 0) != (gc == 0):
-        raise ScanExportError(f"B and C must both be fixed or both be input-dependent, got B {_shape(B)} and C {_shape(C)}")
+    if gb and gc and gb != gc:
+        raise ScanExportError(f"B and C must have the same number of groups when both are input-dependent, "
+                              f"got B {_shape(B)} ({gb}) and C {_shape(C)} ({gc})")
     if z is not None:
         _require_rank("z", z, 3, "(batch, dim, seqlen)")
         _require_shape("z", z, (b, d, l), "(batch, dim, seqlen)")
@@ -108,24 +114,22 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
         _require_shape("initial_state", initial_state, (b, d, n), "(batch, dim, dstate)")
 
     # Activations share u's dtype; parameters may be float32 (mamba keeps A/D in fp32 under fp16 AMP).
-    activations = {"delta": delta, "z": z}
-    if gb:
-        activations |= {"B": B, "C": C}
+    # A fixed B or C is a weight (mamba_ssm: weight dtype), an input-dependent one an activation.
+    activations = {"delta": delta, "z": z} | {name: x for name, x, g in (("B", B, gb), ("C", C, gc)) if g}
     for name, x in activations.items():
         if x is not None:
             _require_float(name, x)
             if x.dtype != u.dtype:
                 raise ScanExportError(f"{name} must have u's dtype {u.dtype}, got {_shape(x)}")
     params = {"A": A, "D": D, "delta_bias": delta_bias, "initial_state": initial_state}
-    if not gb:
-        params |= {"B": B, "C": C}
+    params |= {name: x for name, x, g in (("B", B, gb), ("C", C, gc)) if not g}
     for name, x in params.items():
         if x is not None and x.dtype not in (u.dtype, torch.float32, torch.float64):
             raise ScanExportError(f"{name} must be float32, float64 or u's dtype {u.dtype}, got {_shape(x)}")
     devices = {x.device for x in (u, delta, A, B, C, D, z, delta_bias, initial_state) if x is not None}
     if len(devices) > 1:
         raise ScanExportError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    return ScanDims(b, d, l, n, max(gb, 0))
+    return ScanDims(b, d, l, n, max(gb, gc), B_fixed=gb == 0, C_fixed=gc == 0)
 
 
 def compute_dtype(u: torch.Tensor) -> torch.dtype:

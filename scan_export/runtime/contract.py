@@ -7,10 +7,9 @@ and the field, never a KeyError deep inside generation.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..errors import ScanExportError, describe_value
+from ..errors import ScanExportError, describe_value, read_json_object
 
 FORMAT = "scan_export/mamba-lm"
 DESCRIPTION_FILE = "scan_export.json"
@@ -41,12 +40,7 @@ def read_description(export_dir) -> dict:
     if not path.is_file():
         raise ScanExportError(f"export directory {str(export_dir)!r} has no {DESCRIPTION_FILE}; "
                               f"expected the output of `scan-export export-model`")
-    try:
-        d = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScanExportError(f"{path}: expected JSON, got a parse error ({e})") from None
-    if not isinstance(d, dict):
-        raise ScanExportError(f"{path}: expected a JSON object, got a {type(d).__name__}")
+    d = read_json_object(path)
     if d.get("format") != FORMAT:
         raise ScanExportError(f"{path}: expected format {FORMAT!r}, got {describe_value(d.get('format'))}")
     if d.get("version") not in SUPPORTED_VERSIONS:

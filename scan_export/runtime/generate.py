@@ -24,8 +24,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ScanExportError, describe_value
+from .binding import BoundDecoder, PlainDecoder
 from .contract import ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, read_description  # noqa: F401 (re-exported)
-
 from .session import make_session
 from .streaming import TextStreams
 from .tokenizer import load_tokenizer
@@ -50,7 +50,10 @@ class ExportedMamba:
 
     export_dir: a `scan-export export-model` output (scan_export.json, model.onnx, maybe
     tokenizer.json). provider: "cpu" or "cuda" (asserted, never a silent fallback). threads:
-    onnxruntime intra-op threads (None = its default).
+    onnxruntime intra-op threads (None = its default). io_binding: decode with the state kept on
+    the device between steps, in preallocated buffers swapped each step, copying only the logits
+    row back (runtime/binding.py); None = on for CUDA, off for CPU (where it gives the same tokens,
+    tested, and no speed-up to speak of).
 
     Thread-safe: one instance may serve many threads at once (generate, generate_text, forward).
     It keeps no per-call state: onnxruntime's InferenceSession.run may be called concurrently,
@@ -59,8 +62,10 @@ class ExportedMamba:
     tokens they give one after another (tests/test_runtime_api.py).
     """
 
-    def __init__(self, export_dir, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, export_dir, provider: str = "cpu", threads: int | None = None, io_binding: bool | None = None):
         export_dir = Path(export_dir)
+        # io_binding: decode with the state kept on the device (runtime/binding.py); None = on CUDA only.
+        self.io_binding = provider == "cuda" if io_binding is None else bool(io_binding)
         self.description = read_description(export_dir)
         self.export_dir = export_dir
         self.vocab_size = int(self.description["vocab_size"])
@@ -315,6 +320,7 @@ def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
     if max_new_tokens == 0 or not prompts:
         return out
     logits, state = prefill(model, prompts)
+    decoder = None  # made on the first decode step: a one-token generation needs none
     done = np.zeros(len(prompts), bool)
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, sampling, rng)
@@ -327,8 +333,9 @@ def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
                     done[row] = True
         if done.all() or step == max_new_tokens - 1:
             break
-        step_logits, state = model.forward(tokens[:, None], state)
-        logits = step_logits[:, -1]
+        if decoder is None:
+            decoder = (BoundDecoder if model.io_binding else PlainDecoder)(model, state)
+        logits = decoder(tokens)
     return out
 
 

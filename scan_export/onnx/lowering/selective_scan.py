@@ -36,6 +36,8 @@ from .graph_builder import INT64_MAX, GraphBuilder, value_info
 from ...errors import ScanExportError
 
 BC_LAYOUTS = ("fixed", "variable", "grouped")  # (d, n) | (b, n, l) | (b, g, n, l)
+# bc_layout names one layout for both B and C, or "B_LAYOUT,C_LAYOUT" when they differ (mamba_ssm
+# accepts, e.g., a fixed B with an input-dependent C).
 # The sequential form floors each step's log-decay at −60 before Exp. Below about −87 float32's exp
 # returns denormals, and onnxruntime's Exp then runs ~17x slower (measured: 8 µs -> 135 µs for a
 # (16, 1536) block); exp(−60) = 9e-27 of the previous state is invisible in float32 and float64.
@@ -46,14 +48,16 @@ NP_DTYPE = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}
 @dataclass(frozen=True)
 class SelectiveScanConfig:
     io_dtype: int = TensorProto.FLOAT  # element type of u, delta, z, B, C and out
-    bc_layout: str = "grouped"
+    bc_layout: str = "grouped"  # "fixed" | "variable" | "grouped", or "B_LAYOUT,C_LAYOUT"
     delta_softplus: bool = True
     chunk_size: int = DEFAULT_CHUNK_SIZE  # the chunked form's T
     form: str = DEFAULT_SCAN_FORM
 
     def __post_init__(self):
-        if self.bc_layout not in BC_LAYOUTS:
-            raise ScanExportError(f"bc_layout must be one of {BC_LAYOUTS}, got {self.bc_layout!r}")
+        parts = self.bc_layout.split(",")
+        if len(parts) not in (1, 2) or any(p not in BC_LAYOUTS for p in parts):
+            raise ScanExportError(f"bc_layout must be one of {BC_LAYOUTS} or two of them as 'B_LAYOUT,C_LAYOUT', "
+                                  f"got {self.bc_layout!r}")
         if self.form not in SCAN_FORMS:
             raise ScanExportError(f"scan form must be one of {SCAN_FORMS}, got {self.form!r}")
         if self.chunk_size < 1:
@@ -62,6 +66,21 @@ class SelectiveScanConfig:
     @property
     def compute_dtype(self) -> int:
         return TensorProto.DOUBLE if self.io_dtype == TensorProto.DOUBLE else TensorProto.FLOAT
+
+    @property
+    def b_layout(self) -> str:
+        return self.bc_layout.split(",")[0]
+
+    @property
+    def c_layout(self) -> str:
+        return self.bc_layout.split(",")[-1]
+
+    @property
+    def group_kind(self) -> str:
+        """How channels split into the groups the scan works on: "grouped" (g from B/C's shape),
+        "one" (g = 1, B/C (b, n, l)), or "per_channel" (g = d, both B and C fixed)."""
+        layouts = (self.b_layout, self.c_layout)
+        return "grouped" if "grouped" in layouts else "one" if "variable" in layouts else "per_channel"
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,8 @@ class _Dims:
     n: str
     g: str
     hd: str
+    g_B: str  # B's own group count when input-dependent (1 for (b, n, l)); unused when fixed
+    g_C: str
 
 
 def emit_selective_scan(
@@ -109,18 +130,30 @@ def emit_selective_scan(
     # d and n from A, a weight: in an exported model the optimizer can then fold A's layout change.
     shape_A = gb.op("Shape", A)
     d_, n_ = (gb.op("Slice", shape_A, gb.ints(k), gb.ints(k + 1)) for k in range(2))
-    if cfg.bc_layout == "grouped":
-        g_ = gb.op("Slice", gb.op("Shape", B), gb.ints(1), gb.ints(2))
-        B, C = (gb.op("Transpose", x, perm=[0, 3, 1, 2]) for x in (B, C))  # (b, g, n, l) -> (b, l, g, n)
-    elif cfg.bc_layout == "variable":
+    grouped = B if cfg.b_layout == "grouped" else C
+    if cfg.group_kind == "grouped":  # B and C have the same group count (validated in eager)
+        g_ = gb.op("Slice", gb.op("Shape", grouped), gb.ints(1), gb.ints(2))
+    elif cfg.group_kind == "one":
         g_ = gb.ints(1)
-        B, C = (gb.op("Unsqueeze", gb.op("Transpose", x, perm=[0, 2, 1]), gb.ints(2)) for x in (B, C))  # (b, l, 1, n)
     else:
-        g_ = d_  # fixed (d, n): one group per channel
+        g_ = d_  # both fixed (d, n): one group per channel
     hd_ = gb.op("Div", d_, g_)
-    dims = _Dims(b_, d_, l_, n_, g_, hd_)
-    A_g = gb.op("Transpose", gb.op("Reshape", A, gb.op("Concat", g_, hd_, n_, axis=0)), perm=[0, 2, 1])  # (g, n, hd)
-    if initial_state is not None and cfg.bc_layout == "variable":  # g = 1: no shape arithmetic
+    own_g = {"grouped": g_, "variable": gb.ints(1), "fixed": g_}
+    dims = _Dims(b_, d_, l_, n_, g_, hd_, own_g[cfg.b_layout], own_g[cfg.c_layout])
+
+    def per_group(x):  # a weight (d, n) -> (g, n, hd), the layout of the state
+        return gb.op("Transpose", gb.op("Reshape", x, gb.op("Concat", g_, hd_, n_, axis=0)), perm=[0, 2, 1])
+
+    def time_major_groups(x, layout):  # input-dependent B or C -> (b, l, g | 1, n); a fixed one -> (g, n, hd)
+        if layout == "grouped":
+            return gb.op("Transpose", x, perm=[0, 3, 1, 2])  # (b, g, n, l) -> (b, l, g, n)
+        if layout == "variable":
+            return gb.op("Unsqueeze", gb.op("Transpose", x, perm=[0, 2, 1]), gb.ints(2))  # (b, l, 1, n)
+        return per_group(x)
+
+    B, C = time_major_groups(B, cfg.b_layout), time_major_groups(C, cfg.c_layout)
+    A_g = per_group(A)  # (g, n, hd)
+    if initial_state is not None and cfg.group_kind == "one":  # g = 1: no shape arithmetic
         h0 = gb.op("Unsqueeze", gb.op("Transpose", initial_state, perm=[0, 2, 1]), gb.ints(1))  # (b, 1, n, d)
     elif initial_state is not None:
         h0 = gb.op("Reshape", initial_state, gb.op("Concat", b_, g_, hd_, n_, axis=0))
@@ -149,7 +182,7 @@ def emit_selective_scan(
         y = gb.op("Mul", y, gb.op("Mul", z, gb.op("Sigmoid", z)))
     y = gb.op("Transpose", y, perm=[0, 2, 1])
     out = y if cfg.io_dtype == f else gb.op("Cast", y, to=cfg.io_dtype)
-    if cfg.bc_layout == "variable":
+    if cfg.group_kind == "one":
         last_state = gb.op("Transpose", gb.op("Squeeze", h_last, gb.ints(1)), perm=[0, 2, 1])  # (b, d, n)
     else:
         h_last = gb.op("Transpose", h_last, perm=[0, 1, 3, 2])  # (b, g, hd, n)
@@ -166,9 +199,9 @@ def _emit_time_scan(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt,
     axis 1 directly would save the transposes, but onnx's ReferenceEvaluator only scans axis 0, and
     onnxruntime transposes internally anyway.)"""
     f = cfg.compute_dtype
-    if cfg.bc_layout == "variable":
+    if cfg.group_kind == "one":
         step_shape = gb.ints(0, 0, 1, 1, -1)  # (l, b, g = 1, 1, hd = d)
-    elif cfg.bc_layout == "fixed":
+    elif cfg.group_kind == "per_channel":
         step_shape = gb.ints(0, 0, -1, 1, 1)  # (l, b, g = d, 1, hd = 1)
     else:
         step_shape = gb.op("Concat", gb.ints(0, 0), dims.g, gb.ints(1, -1), axis=0)  # (l, b, g, 1, hd)
@@ -176,18 +209,28 @@ def _emit_time_scan(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt,
     body = gb.child("step")
     h_in, dt_t, du_t = body.name("h_in"), body.name("dt_t"), body.name("du_t")
     step_inputs = [value_info(h_in, f), value_info(dt_t, f), value_info(du_t, f)]
-    if cfg.bc_layout == "fixed":  # (d, n): the same B and C every step, read from the outer scope
-        B_t, C_t = gb.op("Unsqueeze", B, gb.ints(0, 3)), gb.op("Unsqueeze", C, gb.ints(0, 2))  # (1, d, n, 1), (1, d, 1, n)
-        scanned = [dt_s, du_s]
-    else:  # (b, l, g, n) -> (l, b, g, n, 1) and (l, b, g, 1, n)
-        B_s, C_s = (gb.op("Transpose", x, perm=[1, 0, 2, 3]) for x in (B, C))
-        scanned = [dt_s, du_s, gb.op("Unsqueeze", B_s, gb.ints(4)), gb.op("Unsqueeze", C_s, gb.ints(3))]
-        B_t, C_t = body.name("B_t"), body.name("C_t")  # (b, g, n, 1), (b, g, 1, n)
-        step_inputs += [value_info(B_t, f), value_info(C_t, f)]
+    scanned = [dt_s, du_s]
+    # A fixed B or C, (g, n, hd), is the same every step and read from the outer scope; an
+    # input-dependent one, (b, l, g | 1, n), is scanned as (l, b, g | 1, n, 1) for B, (l, b, g | 1, 1, n) for C.
+    if cfg.b_layout == "fixed":
+        B_t = gb.op("Unsqueeze", B, gb.ints(0))  # (1, g, n, hd)
+    else:
+        scanned.append(gb.op("Unsqueeze", gb.op("Transpose", B, perm=[1, 0, 2, 3]), gb.ints(4)))
+        B_t = body.name("B_t")  # (b, g | 1, n, 1)
+        step_inputs.append(value_info(B_t, f))
+    if cfg.c_layout == "fixed":
+        C_t = gb.op("Unsqueeze", C, gb.ints(0))  # (1, g, n, hd)
+    else:
+        scanned.append(gb.op("Unsqueeze", gb.op("Transpose", C, perm=[1, 0, 2, 3]), gb.ints(3)))
+        C_t = body.name("C_t")  # (b, g | 1, 1, n)
+        step_inputs.append(value_info(C_t, f))
     log_decay = body.op("Max", body.op("Mul", A_g, dt_t), body.const(SEQUENTIAL_LOG_DECAY_MIN, NP_DTYPE[f]))
     decay = body.op("Exp", log_decay)  # (b, g, n, hd)
     h_out = body.op("Add", body.op("Mul", decay, h_in), body.op("Mul", B_t, du_t))
-    y_t = body.op("MatMul", C_t, h_out)  # (b, g, 1, hd)
+    if cfg.c_layout == "fixed":  # Σ_n C[g, n, hd]·h[b, g, n, hd]
+        y_t = body.op("ReduceSum", body.op("Mul", C_t, h_out), body.ints(2), keepdims=1)  # (b, g, 1, hd)
+    else:
+        y_t = body.op("MatMul", C_t, h_out)  # (b, g, 1, hd)
     step = body.graph("selective_scan_step", step_inputs, [value_info(h_out, f), value_info(y_t, f)])
     h_last, y = gb.op("Scan", h0, *scanned, n_out=2, body=step, num_scan_inputs=len(scanned))  # y: (l, b, g, 1, hd)
     y = gb.op("Transpose", gb.op("Reshape", y, gb.ints(0, 0, -1)), perm=[1, 0, 2])
@@ -198,11 +241,13 @@ def _emit_single_step(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, d
     """l == 1: h = exp(Δ·A)·h0 + Δ·u·B, y = Σ_n C·h. Returns (y: (b, 1, d), h: (b, g, n, hd))."""
     bg1h = gb.op("Concat", dims.b, dims.g, gb.ints(1), dims.hd, axis=0)
     dt1, du1 = (gb.op("Reshape", x, bg1h) for x in (dt, du))  # (b, 1, d) -> (b, g, 1, hd)
-    if cfg.bc_layout == "fixed":
-        shape = gb.op("Concat", gb.ints(1), dims.d, dims.n, gb.ints(1), axis=0)  # (1, d, n, 1)
-    else:
-        shape = gb.op("Concat", dims.b, dims.g, dims.n, gb.ints(1), axis=0)  # (b, 1, g, n) -> (b, g, n, 1)
-    B, C = (gb.op("Reshape", x, shape) for x in (B, C))
+
+    def step_layout(x, layout, g_x):  # fixed (g, n, hd) -> (1, g, n, hd); (b, 1, g, n) -> (b, g, n, 1)
+        if layout == "fixed":
+            return gb.op("Unsqueeze", x, gb.ints(0))
+        return gb.op("Reshape", x, gb.op("Concat", dims.b, g_x, dims.n, gb.ints(1), axis=0))
+
+    B, C = step_layout(B, cfg.b_layout, dims.g_B), step_layout(C, cfg.c_layout, dims.g_C)
     h = gb.op("Add", gb.op("Mul", gb.op("Exp", gb.op("Mul", A_g, dt1)), h0), gb.op("Mul", du1, B))  # (b, g, n, hd)
     y = gb.op("ReduceSum", gb.op("Mul", h, C), gb.ints(2), keepdims=0)  # (b, g, hd)
     return gb.op("Reshape", y, gb.op("Concat", dims.b, dims.l, dims.d, axis=0)), h
@@ -233,11 +278,15 @@ def _emit_chunk_loop(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt
 
     dt_all, du_all = (chunk_major(x, hd_) for x in (dt, du))  # (nc, T, b, g, hd)
     abs_A = gb.op("Abs", A_g)
-    if cfg.bc_layout == "fixed":
-        fixed_shape = gb.op("Concat", gb.ints(1, 1), d_, n_, gb.ints(1), axis=0)
-        B_c, C_c = (gb.op("Reshape", x, fixed_shape) for x in (B, C))  # (1, 1, d, n, 1)
-    else:
-        B_all, C_all = (chunk_major(x, n_) for x in (B, C))  # (nc, T, b, g, n)
+
+    def chunk_major_bc(x, layout, g_x):  # fixed (g, n, hd) -> (1, 1, g, n, hd); else (nc, T, b, g | 1, n)
+        if layout == "fixed":
+            return gb.op("Unsqueeze", x, gb.ints(0, 1))
+        x = gb.op("Pad", x, tail_pads, None, time_axis)
+        x = gb.op("Reshape", x, gb.op("Concat", b_, nc_, T_, g_x, n_, axis=0))
+        return gb.op("Transpose", x, perm=[1, 2, 0, 3, 4])
+
+    B_all, C_all = chunk_major_bc(B, cfg.b_layout, dims.g_B), chunk_major_bc(C, cfg.c_layout, dims.g_C)
 
     # The Loop body. Chunk tensors are (T, b, g, n, hd): channels last, so every broadcast
     # multiplies a long hd-span by a scalar or a span, onnxruntime's fast paths.
@@ -251,8 +300,8 @@ def _emit_chunk_loop(gb: GraphBuilder, cfg: SelectiveScanConfig, dims: _Dims, dt
 
     dt_c = chunk_of(dt_all, 3)  # (T, b, g, 1, hd)
     du_c = chunk_of(du_all, 3)
-    if cfg.bc_layout != "fixed":
-        B_c, C_c = chunk_of(B_all, 4), chunk_of(C_all, 4)  # (T, b, g, n, 1)
+    B_c = B_all if cfg.b_layout == "fixed" else chunk_of(B_all, 4)  # (T, b, g | 1, n, 1) or fixed (1, 1, g, n, hd)
+    C_c = C_all if cfg.c_layout == "fixed" else chunk_of(C_all, 4)
     S = body.op("CumSum", dt_c, body.const(0, np.int64))  # (T, b, g, 1, hd) inclusive ΣΔ
     S_end = body.op("Slice", S, body.ints(-1), body.ints(INT64_MAX), body.ints(0))  # (1, b, g, 1, hd)
     decay = body.op("ReduceMax", body.op("Mul", abs_A, S_end), keepdims=0)  # Λ, scalar
@@ -330,11 +379,13 @@ def _emit_subchunked(gb: GraphBuilder, cfg, dims, A_g, dt_c, du_c, B_c, C_c, h, 
     sub = subchunk_size(T)
     m = T // sub
     ms = gb.ints(m, sub)
-    if cfg.bc_layout == "fixed":
-        B_s, C_s = (gb.op("Unsqueeze", x, gb.ints(0)) for x in (B_c, C_c))  # (1, 1, 1, d, n, 1)
-    else:
-        bgn1 = gb.op("Concat", ms, dims.b, dims.g, dims.n, gb.ints(1), axis=0)
-        B_s, C_s = (gb.op("Reshape", x, bgn1) for x in (B_c, C_c))  # (m, sub, b, g, n, 1)
+
+    def sub_layout(x, layout, g_x):  # fixed -> (1, 1, 1, g, n, hd); else (m, sub, b, g | 1, n, 1)
+        if layout == "fixed":
+            return gb.op("Unsqueeze", x, gb.ints(0))
+        return gb.op("Reshape", x, gb.op("Concat", ms, dims.b, g_x, dims.n, gb.ints(1), axis=0))
+
+    B_s, C_s = sub_layout(B_c, cfg.b_layout, dims.g_B), sub_layout(C_c, cfg.c_layout, dims.g_C)
     bg1h = gb.op("Concat", ms, dims.b, dims.g, gb.ints(1), dims.hd, axis=0)
     dt_s, du_s = (gb.op("Reshape", x, bg1h) for x in (dt_c, du_c))  # (m, sub, b, g, 1, hd)
     floor = STEP_LOG_DECAY_MIN[np.dtype(fnp).name]

@@ -9,7 +9,7 @@ from .config import (ATTENTION, MAMBA, SUPPORTED_MODEL_TYPES, AttentionDims, Hyb
                      MambaLMConfig, RopeSpec, _json_float)
 from .hybrid import HybridLM
 from .loading import (all_model_types, hybrid_families, load_hf_state_dict, load_hybrid_lm, load_mamba_lm,
-                      load_model, read_hf_config)
+                      load_model, read_hf_config, read_mamba_config, checkpoint_names, model_blueprint)
 from .mamba import Backbone, MambaBlock, MambaLM
 from .mamba_mixers import Mamba2Mixer, MambaMixer
 from .norms import GatedRMSNorm, RMSNorm, _rms_normalize, weightless_rms
@@ -18,6 +18,6 @@ HYBRID_MODEL_TYPES = ("bamba", "granitemoehybrid")
 
 __all__ = ["ATTENTION", "MAMBA", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
            "Mamba2Dims", "MambaLMConfig", "RopeSpec", "_json_float", "HybridLM", "all_model_types", "hybrid_families",
-           "load_hf_state_dict", "load_hybrid_lm", "load_mamba_lm", "load_model", "read_hf_config", "Backbone",
+           "load_hf_state_dict", "load_hybrid_lm", "read_mamba_config", "checkpoint_names", "model_blueprint", "load_mamba_lm", "load_model", "read_hf_config", "Backbone",
            "MambaBlock", "MambaLM", "Mamba2Mixer", "MambaMixer", "GatedRMSNorm", "RMSNorm", "_rms_normalize",
            "weightless_rms"]

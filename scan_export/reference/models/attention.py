@@ -37,13 +37,19 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, spec: RopeSpec):
         super().__init__()
-        dim = spec.rotary_dim
-        inv_freq = 1.0 / (spec.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        self.register_buffer("inv_freq", inv_freq / spec.factor, persistent=False)
+        self.spec = spec
+
+    def inv_freq(self) -> torch.Tensor:
+        """transformers' inv_freq, computed where it is used rather than kept as a buffer: the
+        memory-lean export builds the model under fake tensors (onnx/weights.py), where a buffer
+        made in __init__ would have no values. In the graph it is a constant the optimizer folds."""
+        dim = self.spec.rotary_dim
+        inv_freq = 1.0 / (self.spec.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq / self.spec.factor
 
     def forward(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (b, l) -> cos, sin: (b, 1, l, rotary_dim) in dtype."""
-        freqs = positions[..., None].float() * self.inv_freq
+        freqs = positions[..., None].float() * self.inv_freq()
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

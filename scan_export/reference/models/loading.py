@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ...errors import ScanExportError
+from ...errors import ScanExportError, read_json_object
 from .config import SUPPORTED_MODEL_TYPES, MambaLMConfig
 from .mamba import MambaLM
 
@@ -19,13 +18,7 @@ def read_hf_config(checkpoint_dir) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ScanExportError(f"checkpoint_dir {str(path)!r} has no config.json; expected a Hugging Face checkpoint directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScanExportError(f"{cfg_path}: expected JSON, got a parse error ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ScanExportError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
-    return cfg
+    return read_json_object(cfg_path)
 
 
 def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
@@ -93,21 +86,43 @@ def _load_weights(model, state: dict, checkpoint_dir) -> None:
             p.copy_(state[k])
 
 
-def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
-    """Build a MambaLM from a local HF checkpoint; every parameter must be found by name."""
+def read_mamba_config(checkpoint_dir) -> MambaLMConfig:
+    """The checked MambaLMConfig of a local HF checkpoint; mistakes name config.json and the field."""
 
     def parse(raw):
         cfg = MambaLMConfig.from_hf(raw)
         cfg.check()
         return cfg
 
-    cfg = _parse_config(checkpoint_dir, parse)
+    return _parse_config(checkpoint_dir, parse)
+
+
+def checkpoint_names(checkpoint_dir, cfg: MambaLMConfig, shapes: dict, wanted: dict) -> dict[str, str]:
+    """{parameter name: checkpoint tensor name} for every parameter in wanted ({name: shape}), given
+    the checkpoint's {name: shape}: the old `backbone.embedding.` name is accepted, a tied lm_head
+    reads the embeddings. Raises naming the missing weights, or the first one of the wrong shape."""
+    names = {k.replace("backbone.embedding.", "backbone.embeddings."): k for k in shapes}  # old name
+    if "lm_head.weight" not in names and cfg.tie_word_embeddings and "backbone.embeddings.weight" in names:
+        names["lm_head.weight"] = names["backbone.embeddings.weight"]
+    missing = sorted(k for k in wanted if k not in names)
+    if missing:
+        raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r} is missing {len(missing)} weight(s) config.json "
+                              f"asks for: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    for k, shape in wanted.items():
+        if tuple(shapes[names[k]]) != tuple(shape):
+            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {k} expected shape {tuple(shape)} "
+                                  f"(from config.json), got {tuple(shapes[names[k]])}")
+    return {k: names[k] for k in wanted}
+
+
+def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
+    """Build a MambaLM from a local HF checkpoint; every parameter must be found by name."""
+    cfg = read_mamba_config(checkpoint_dir)
     model = MambaLM(cfg)
-    state = load_hf_state_dict(checkpoint_dir)
-    state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}  # old name
-    if "lm_head.weight" not in state and cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state.get("backbone.embeddings.weight")
-    _load_weights(model, state, checkpoint_dir)
+    state = {k: v for k, v in load_hf_state_dict(checkpoint_dir).items() if v is not None}
+    wanted = {k: p.shape for k, p in model.named_parameters()}
+    names = checkpoint_names(checkpoint_dir, cfg, {k: v.shape for k, v in state.items()}, wanted)
+    model.load_state_dict({k: state[names[k]] for k in wanted}, strict=True)
     return model.to(dtype).eval()
 
 
@@ -132,6 +147,49 @@ def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
         state = {k.replace(old, new): v for k, v in state.items()}
     _load_weights(model, state, checkpoint_dir)
     return model.to(dtype).eval()
+
+
+def model_blueprint(checkpoint_dir):
+    """(build, names) for any supported checkpoint, reading config.json only: build() makes the
+    (unloaded) model; names(model, shapes) maps each of its parameters to the checkpoint tensor
+    holding it, given the checkpoint's {name: shape}, and raises naming missing or misshapen weights.
+    The memory-lean export (onnx/weights.py) uses it to trace a model whose weights stay on disk."""
+    model_type = read_hf_config(checkpoint_dir).get("model_type")
+    family = hybrid_families().get(model_type)
+    if family is None:
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
+                                  f"{all_model_types()}, got {model_type!r}")
+        cfg = read_mamba_config(checkpoint_dir)
+
+        def names(model, shapes):
+            wanted = {k: tuple(p.shape) for k, p in model.named_parameters()}
+            return checkpoint_names(checkpoint_dir, cfg, shapes, wanted)
+
+        return (lambda: MambaLM(cfg)), names
+
+    raw = read_hf_config(checkpoint_dir)
+    _parse_config(checkpoint_dir, family.build)  # config mistakes surface here, before any tracing
+
+    def names(model, shapes):
+        renamed = {}
+        for k in shapes:
+            new = k
+            for old, repl in family.RENAMES:
+                new = new.replace(old, repl)
+            renamed[new] = k
+        wanted = dict(model.named_parameters())  # a tied lm_head is the embedding's parameter: listed once
+        missing = sorted(k for k in wanted if k not in renamed)
+        if missing:
+            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r} is missing {len(missing)} weight(s) config.json "
+                                  f"asks for: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        for k, p in wanted.items():
+            if tuple(shapes[renamed[k]]) != tuple(p.shape):
+                raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {k} expected shape {tuple(p.shape)} "
+                                      f"(from config.json), got {tuple(shapes[renamed[k]])}")
+        return {k: renamed[k] for k in wanted}
+
+    return (lambda: family.build(raw)), names
 
 
 def load_model(checkpoint_dir, dtype=torch.float32):

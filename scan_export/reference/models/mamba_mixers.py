@@ -82,6 +82,7 @@ class Mamba2Mixer(nn.Module):
             B.reshape(b, l, cfg.n_groups, cfg.state_size), C.reshape(b, l, cfg.n_groups, cfg.state_size),
             cfg.chunk_size if cfg.chunk_size <= 64 else 64, D=self.D, dt_bias=self.dt_bias,
             initial_states=ssm_state, dt_softplus=True, dt_limit=cfg.time_step_limit, return_final_states=True,
+            state_dtype=torch.float32,  # the contract's ssm_state is float32 (mamba would return C's dtype)
         )
         y = self.norm(y.reshape(b, l, cfg.intermediate_size), gate)
         return self.out_proj(y.to(x.dtype)), conv_state, ssm_state

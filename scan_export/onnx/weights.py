@@ -1,0 +1,502 @@
+"""Memory-lean weights for whole-model export: the weights never sit in memory all at once.
+
+The model is traced with fake parameters (shapes and dtypes only: torch.export never reads values).
+The traced graph's parameter initializers then become external references into OUT_DIR's
+`model.onnx.data`, which is filled one tensor at a time, in blocks of rows, straight from the
+checkpoint file (converted to the export dtype on the way, exactly as `tensor.to(float32).to(dtype)`).
+Lowering, optimizing and checking then see a graph of a few MB. At the end the model is either
+kept with its external data (above the 2 GB protobuf limit) or assembled into one `model.onnx`
+by appending each initializer as a protobuf fragment streamed from the data file.
+
+What the optimizer would fold, and where it happens instead:
+- Transpose of a 2-D weight with a single consumer (every nn.Linear): onnxscript's optimizer always
+  folds it, whatever the size, into a new in-memory initializer. It is folded here instead: the
+  weight is written transposed and the Transpose node removed. Transposing is exact.
+- weights of at most 8192 elements (the folding limit, _fold_limit) are real tensors from the start (all together < 1% of the
+  model): the optimizer's constant folding may read and fold them (Cast, Gather of conv taps), as before.
+Bigger weights are never folded (the optimizer's input size limit), so the data file holds only
+tensors the final graph references; `finish` checks that and compacts the file if it ever does not.
+
+Peak memory is the traced graph plus one block of rows (BLOCK_BYTES) plus the small weights,
+independent of the model's size (measured in README, "Export memory").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ..errors import ScanExportError
+from ..progress import Progress, silent
+
+DATA_SUFFIX = ".data"
+BLOCK_BYTES = 64 * 2**20  # rows read, converted and written per step
+EXTERNAL_FROM_BYTES = 1024  # with external data, smaller tensors stay in model.onnx (onnx.save_model's default)
+ALIGN_BYTES, ALIGN_FROM = 65536, 2**20  # tensors >= 1 MiB start at a 64 KiB offset (mmap-friendly, as onnx_ir does)
+
+
+def _fold_limit() -> int:
+    """Elements above which onnxscript's constant folding leaves a tensor alone."""
+    from onnxscript.optimizer import _constant_folding
+
+    return _constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading checkpoint tensors lazily
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+@dataclass
+class TensorSource:
+    """One checkpoint tensor, not loaded: rows(r0, r1) reads rows [r0, r1) of its first axis."""
+
+    shape: tuple
+    dtype: object  # torch.dtype
+    path: Path
+    offset: int = 0  # safetensors: where the bytes start in path
+    tensor: object = None  # pytorch_model*.bin: the (mmap-backed where possible) tensor
+
+    def rows(self, r0: int, r1: int):
+        import torch
+
+        if self.tensor is not None:
+            return self.tensor[r0:r1] if self.shape else self.tensor
+        row = _numel(self.shape[1:]) * self.dtype.itemsize
+        n = (r1 - r0) * row if self.shape else self.dtype.itemsize
+        buf = bytearray(n)
+        with open(self.path, "rb") as f:  # plain reads: the page cache is not this process's RSS (mmap's would be)
+            f.seek(self.offset + r0 * row)
+            if f.readinto(buf) != n:
+                raise ScanExportError(f"{self.path}: expected a safetensors file, it ends inside a tensor (truncated?)")
+        t = torch.frombuffer(buf, dtype=self.dtype) if n else torch.empty(0, dtype=self.dtype)
+        return t.reshape(((r1 - r0), *self.shape[1:]) if self.shape else ())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def checkpoint_tensors(checkpoint_dir) -> dict[str, TensorSource]:
+    """{name: TensorSource} of a checkpoint's weights, reading only headers: safetensors (one file or
+    shards), else pytorch_model*.bin (loaded with mmap=True where the file allows, so its tensors
+    are paged in only when read). Errors as reference.models.load_hf_state_dict raises them."""
+    import torch
+
+    path = Path(checkpoint_dir)
+    shards = sorted(path.glob("*.safetensors"))
+    out = {}
+    if shards:
+        from safetensors import SafetensorError, safe_open
+
+        for shard in shards:
+            try:
+                with safe_open(str(shard), framework="pt"):  # validates the header against the file size
+                    pass
+                with open(shard, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(n))
+            except (SafetensorError, OSError, ValueError, struct.error) as e:
+                raise ScanExportError(f"{shard}: expected a safetensors file, could not read it ({e})") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ScanExportError(f"{shard}: tensor {name} has dtype {info['dtype']}, expected one of "
+                                          f"{sorted(SAFETENSORS_DTYPES)}")
+                out[name] = TensorSource(tuple(info["shape"]), getattr(torch, SAFETENSORS_DTYPES[info["dtype"]]),
+                                         shard, 8 + n + info["data_offsets"][0])
+        return out
+    from ..reference.models import load_hf_state_dict
+
+    if sorted(path.glob("pytorch_model*.bin")):
+        try:
+            state = _load_bins_mmap(path)
+        except Exception:  # legacy (non-zip) pickles cannot be mapped: load them as the eager path does
+            state = load_hf_state_dict(path)
+    else:
+        state = load_hf_state_dict(path)  # raises: no weights
+    return {k: TensorSource(tuple(v.shape), v.dtype, path, tensor=v) for k, v in state.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _load_bins_mmap(path: Path) -> dict:
+    import torch
+
+    state = {}
+    for b in sorted(path.glob("pytorch_model*.bin")):
+        part = torch.load(str(b), map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(part, dict):
+            raise ValueError("not a state dict")
+        state.update(part)
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# The fake model and its weights
+
+
+def fake_model(checkpoint_dir, dtype):
+    """(model, weights): the checkpoint's model (MambaLM, or a hybrid LM) whose big parameters
+    (> _fold_limit() elements) are fake tensors of the export dtype (torch.export traces them like
+    real ones) and whose small ones are real, and the CheckpointWeights that fill the big ones'
+    initializers later. A tied parameter (one module's, reused by another) stays one parameter.
+
+    The small ones must be real: exporting at an opset other than torch's own runs onnx's C version
+    converter, which serializes every initializer of at most 1000 elements."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from ..reference.models import model_blueprint
+
+    build, checkpoint_names = model_blueprint(checkpoint_dir)
+    sources = checkpoint_tensors(checkpoint_dir)
+    # allow_non_fake_inputs: the example inputs (ids, zero states) and small weights stay real tensors.
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = build().eval()
+    names = checkpoint_names(model, {k: s.shape for k, s in sources.items()})
+    old = list(model.parameters())  # kept alive while replaced, so that their ids stay theirs
+    name_of = {id(p): k for k, p in model.named_parameters()}  # tied parameters: one name
+    # torch.export names a tied parameter once per module that holds it: every name gets the source.
+    weights = CheckpointWeights({k: sources[names[name_of[id(p)]]]
+                                 for k, p in model.named_parameters(remove_duplicate=False)}, dtype)
+    limit = _fold_limit()
+    made = {}
+    for module in list(model.modules()):
+        for name, p in list(module.named_parameters(recurse=False)):
+            key = name_of[id(p)]
+            if key not in made:
+                src = weights.sources[key]
+                if _numel(src.shape) <= limit:
+                    value = weights.read(src)
+                else:
+                    with FakeTensorMode(allow_non_fake_inputs=True):
+                        value = torch.empty(src.shape, dtype=dtype)
+                # model.to(dtype) cannot swap fake parameters in place: set new ones.
+                made[key] = torch.nn.Parameter(value, requires_grad=False)
+            setattr(module, name, made[key])
+    del old
+    fake_buffers = [k for k, b in model.named_buffers() if isinstance(b, FakeTensor)]
+    if fake_buffers:  # a reference model bug: buffers made in __init__ have no values here
+        raise RuntimeError(f"fake_model: buffers {fake_buffers} were made under fake tensors; compute them in forward")
+    return model, weights
+
+
+@dataclass
+class _Planned:
+    name: str  # the initializer's name in the graph
+    source: TensorSource
+    transpose: bool
+    offset: int = 0
+    length: int = 0
+
+
+class CheckpointWeights:
+    """The export's parameters, by name, still in the checkpoint file; attach() puts them into a
+    traced onnx_ir model as external data, finish() writes the final model file(s)."""
+
+    def __init__(self, sources: dict[str, TensorSource], dtype):
+        self.sources, self.dtype = sources, dtype
+        self.data_path: Path | None = None
+        self.written: list[_Planned] = []
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self.data_path.parent if self.data_path else None
+
+    def total_bytes(self) -> int:
+        unique = {id(s): s for s in self.sources.values()}.values()  # a tied weight is written once
+        return sum(_numel(s.shape) for s in unique) * self.dtype.itemsize
+
+    def attach(self, model, progress: Progress = silent) -> None:
+        """Replace the fake parameter initializers of `model` (onnx_ir, as torch.onnx.export made it)
+        by their values: small ones in memory, the others as references into self.data_path (set by
+        the caller: the model file's name + ".data", in the directory it will be saved to), written now."""
+        import onnx_ir as ir
+        import torch
+
+        graph = model.graph
+        # One initializer per checkpoint tensor: torch.export gives a tied weight (or an untied
+        # lm_head that config.json ties to the embeddings) one initializer per name; the others'
+        # uses move to the first, so the file stores it once.
+        first = {}
+        for name, value in list(graph.initializers.items()):
+            src = self.sources.get(name)
+            if src is None or not _is_fake(value.const_value):
+                continue
+            if id(src) in first:
+                value.replace_all_uses_with(first[id(src)])
+                del graph.initializers[name]
+            else:
+                first[id(src)] = value
+        plan = []
+        for name, value in list(graph.initializers.items()):
+            src = self.sources.get(name)
+            if src is None or not _is_fake(value.const_value):
+                continue  # a small weight (real, folded by the optimizer as usual) or a constant the exporter lifted
+            plan.append(_Planned(name, src, _single_transpose(value, graph) is not None))
+        dtype = ir.DataType.from_numpy(torch.empty(0, dtype=self.dtype).numpy().dtype)
+        total = sum(_numel(p.source.shape) for p in plan) * self.dtype.itemsize
+        done = 0
+        with open(self.data_path, "wb") as f:
+            for p in plan:
+                p.length = _numel(p.source.shape) * self.dtype.itemsize
+                p.offset = _align(f.tell(), p.length)
+                f.write(b"\0" * (p.offset - f.tell()))
+                for n in self._write(f, p):
+                    done += n
+                    progress("writing weights", done, total)
+                shape = tuple(reversed(p.source.shape)) if p.transpose else p.source.shape
+                tensor = ir.ExternalTensor(self.data_path.name, p.offset, p.length, dtype, shape=ir.Shape(shape),
+                                           name=p.name, base_dir=self.base_dir)
+                value = graph.initializers[p.name]
+                if p.transpose:
+                    p.name = _fold_transpose(graph, value, tensor)
+                else:
+                    value.const_value = tensor
+                self.written.append(p)
+        progress("writing weights", total, total)
+
+    def _convert(self, t):
+        import torch
+
+        return t.to(torch.float32).to(self.dtype)  # what load_state_dict into float32, then .to(dtype) did
+
+    def read(self, src: TensorSource):
+        """The whole tensor, converted: for small ones only."""
+        return self._convert(src.rows(0, src.shape[0] if src.shape else 1)).clone()
+
+    def _write(self, f, p: _Planned):
+        """Write p's tensor at p.offset in blocks of rows; yield bytes written per block."""
+        shape, item = p.source.shape, self.dtype.itemsize
+        rows = shape[0] if shape else 1
+        row_bytes = max(1, _numel(shape[1:]) * max(item, p.source.dtype.itemsize, 4))  # the float32 step too
+        step = max(1, BLOCK_BYTES // row_bytes)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            block = self._convert(p.source.rows(r0, r1))
+            if p.transpose:  # (rows, cols) -> (cols, rows): this block is columns r0..r1 of every output row
+                cols = shape[1]
+                out = block.T.contiguous().numpy()
+                f.flush()
+                for j in range(cols):
+                    os.pwrite(f.fileno(), out[j].tobytes(), p.offset + (j * rows + r0) * item)
+            else:
+                f.seek(p.offset + r0 * _numel(shape[1:]) * item)
+                f.write(block.contiguous().numpy().tobytes())
+            yield (r1 - r0) * _numel(shape[1:]) * item
+        f.seek(p.offset + p.length)
+
+    # ----------------------------------------------------------------------------------------
+    def finish(self, proto: onnx.ModelProto, path, *, single_file: bool, check: bool = True,
+               progress: Progress = silent) -> Path:
+        """Write proto (whose big initializers refer to the data file) to path, full-check it there,
+        then either keep the data file (compacted if the graph dropped any of it) or assemble one
+        self-contained model file and remove the data file."""
+        path = Path(path)
+        data_name = path.name + DATA_SUFFIX
+        if self.data_path is not None and self.data_path.name != data_name:
+            raise RuntimeError(f"weights were written to {self.data_path.name}, the model is {path.name}")  # a bug
+        refs = _external_refs(proto)
+        if self.data_path is not None and _wasted(refs, self.data_path):
+            _compact(proto, refs, self.data_path, progress)
+        if not single_file:  # the layout onnx.save_model(size_threshold=1024) gives: only tiny tensors inline
+            _move_inline_to_data(proto, path.with_name(data_name), EXTERNAL_FROM_BYTES)
+            refs = _external_refs(proto)
+        onnx.save_model(proto, str(path))
+        if check:
+            progress("checking", 0, None)
+            onnx.checker.check_model(str(path), full_check=True)
+            progress("checking", 1, 1)
+        if single_file:
+            assemble_single_file(path, progress)
+        elif self.data_path is not None and not refs:
+            self.data_path.unlink()
+        return path
+
+
+def _is_fake(tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(getattr(tensor, "raw", None), FakeTensor)
+
+
+def _align(offset: int, length: int) -> int:
+    return -(-offset // ALIGN_BYTES) * ALIGN_BYTES if length >= ALIGN_FROM else offset
+
+
+def _single_transpose(value, graph):
+    """The Transpose node that is value's only use, if it swaps the two axes of a 2-D value and
+    its output is not a graph output (what the optimizer would fold), else None."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.shape is None or len(value.shape) != 2 or value.is_graph_output():
+        return None
+    node = uses[0].node
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or node.graph is not graph:
+        return None
+    perm = node.attributes.get("perm")
+    if perm is None or tuple(perm.as_ints()) != (1, 0) or node.outputs[0].is_graph_output():
+        return None
+    return node
+
+
+def _fold_transpose(graph, value, tensor) -> str:
+    """Remove Transpose(value), value's only use; its output becomes an initializer holding tensor
+    (the transposed data) under the output's name. Returns that name."""
+    import onnx_ir as ir
+
+    node = _single_transpose(value, graph)
+    out = node.outputs[0]
+    name = out.name
+    new = ir.Value(name=None, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    ir.convenience.replace_all_uses_with(out, new)
+    graph.remove(node, safe=True)
+    graph.initializers.pop(value.name)
+    out.name = None
+    new.name = name
+    graph.register_initializer(new)
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# The final file(s)
+
+
+def _external_refs(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _ext(t: onnx.TensorProto) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
+def model_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of all initializers, inline and external."""
+    return sum(int(_ext(t)["length"]) if t.data_location == onnx.TensorProto.EXTERNAL
+               else len(t.raw_data) or t.ByteSize() for t in proto.graph.initializer)
+
+
+def _move_inline_to_data(proto: onnx.ModelProto, data_path: Path, threshold: int) -> None:
+    """Append the inline initializers of at least threshold bytes to data_path (small: what the
+    optimizer folded, and the weights attach kept in memory) and refer to them there."""
+    with open(data_path, "ab") as f:
+        for t in proto.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or len(t.raw_data) < threshold:
+                continue
+            offset = _align(f.tell(), len(t.raw_data))
+            f.write(b"\0" * (offset - f.tell()))
+            f.write(t.raw_data)
+            length = len(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                t.external_data.add(key=k, value=v)
+
+
+def _wasted(refs, data_path: Path) -> bool:
+    used = sum(int(_ext(t)["length"]) for t in refs)
+    return data_path.stat().st_size - used >= ALIGN_BYTES * max(1, len(refs))  # more than alignment padding
+
+
+def _compact(proto, refs, data_path: Path, progress: Progress) -> None:
+    """Rewrite data_path with only the tensors proto references (the optimizer folded some away)."""
+    tmp = data_path.with_name(data_path.name + ".compact")
+    total, done = sum(int(_ext(t)["length"]) for t in refs), 0
+    with open(data_path, "rb") as src, open(tmp, "wb") as dst:
+        for t in refs:
+            e = _ext(t)
+            length = int(e["length"])
+            offset = _align(dst.tell(), length)
+            dst.write(b"\0" * (offset - dst.tell()))
+            for n in _copy_range(src, int(e.get("offset", 0)), length, dst):
+                done += n
+                progress("compacting weights", done, total)
+            for entry in t.external_data:
+                if entry.key == "offset":
+                    entry.value = str(offset)
+    os.replace(tmp, data_path)
+
+
+def _copy_range(src, offset: int, length: int, dst):
+    src.seek(offset)
+    while length:
+        chunk = src.read(min(length, BLOCK_BYTES))
+        if not chunk:
+            raise RuntimeError(f"{src.name} ends early")  # we wrote it: a bug, not a user mistake
+        dst.write(chunk)
+        length -= len(chunk)
+        yield len(chunk)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def assemble_single_file(path, progress: Progress = silent) -> Path:
+    """Turn path (+ its external data file) into one self-contained model file, one tensor in memory
+    at most a block at a time.
+
+    Protobuf merges a message field that occurs twice, and appends to repeated fields, so
+    `model without initializers` followed by `ModelProto{graph{initializer: t}}` per tensor parses as
+    the whole model with the initializers in their original order. Each tensor's raw_data is
+    copied from the data file in blocks, behind its hand-written tag and length."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = list(proto.graph.initializer)
+    del proto.graph.initializer[:]
+    data_path = path.with_name(path.name + DATA_SUFFIX)
+    tmp = path.with_name(path.name + ".single")
+    total = sum(int(_ext(t)["length"]) for t in inits if t.data_location == onnx.TensorProto.EXTERNAL)
+    done = 0
+    with open(tmp, "wb") as out, (open(data_path, "rb") if total else open(os.devnull, "rb")) as data:
+        out.write(proto.SerializeToString())
+        for t in inits:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                body = t.SerializeToString()
+                graph = _field(INITIALIZER_FIELD, len(body)) + body
+                out.write(_field(GRAPH_FIELD, len(graph)) + graph)
+                continue
+            e = _ext(t)
+            head = onnx.TensorProto()
+            head.CopyFrom(t)
+            head.ClearField("external_data")
+            head.ClearField("data_location")
+            length = int(e["length"])
+            header = head.SerializeToString() + _field(RAW_DATA_FIELD, length)
+            tensor_len = len(header) + length
+            graph_head = _field(INITIALIZER_FIELD, tensor_len)
+            out.write(_field(GRAPH_FIELD, len(graph_head) + tensor_len) + graph_head + header)
+            for n in _copy_range(data, int(e.get("offset", 0)), length, out):
+                done += n
+                progress("writing model file", done, total)
+    os.replace(tmp, path)
+    if data_path.exists():
+        data_path.unlink()
+    return path
