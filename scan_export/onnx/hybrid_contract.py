@@ -1,5 +1,6 @@
-"""scan_export.json for hybrid exports (bamba, granitemoehybrid): Mamba-2 state for the Mamba layers,
-a KV cache for the attention layers, and the attention mask (docs/deploy.md has the host's side).
+"""scan_export.json for hybrid exports: Mamba-2 state for the Mamba layers, a KV cache for the
+attention layers (both for a layer that runs them in parallel, none for a feed-forward-only layer),
+and the attention mask (docs/deploy.md has the host's side).
 
   inputs   input_ids: (batch, seqlen) int64
            attention_mask: (batch, total_seqlen) int64, total_seqlen = past_seqlen + seqlen
@@ -21,13 +22,17 @@ KV_MEANING = ("keys (after RoPE) / values of every cached position, oldest first
 def cache_names(cfg) -> list[tuple[str, str]]:
     """[(input, output)] of every cache tensor in graph order (HybridConfig.cache_layout's order)."""
     names = []
-    for i, kind, tensors in cfg.cache_layout():
+    for i, _, tensors in cfg.cache_layout():
         for tensor, _, _ in tensors:
-            if kind == "mamba":
-                names.append((f"past.{i}.{tensor}", f"present.{i}.{tensor}"))
-            else:
+            if tensor in ("key", "value"):
                 names.append((f"past_key_values.{i}.{tensor}", f"present.{i}.{tensor}"))
+            else:
+                names.append((f"past.{i}.{tensor}", f"present.{i}.{tensor}"))
     return names
+
+
+# scan_export.json's name for each layer kind (config.py); FFN layers carry no state and get no entry
+ENTRY_KINDS = {"mamba": "mamba2", "attention": "attention", "parallel": "mamba2+attention", "ffn": "ffn"}
 
 
 def describe_hybrid(cfg, dtype: str, target, node_count: int) -> dict:
@@ -36,18 +41,19 @@ def describe_hybrid(cfg, dtype: str, target, node_count: int) -> dict:
     conv_shape, ssm_shape = cfg.mamba.state_shapes()
     a = cfg.attention
     state, ins, outs = [], [], []
-    for i, kind, _ in cfg.cache_layout():
-        if kind == "mamba":
-            entry = {"layer": i, "kind": "mamba2", **mamba_state_entry(i, conv_shape, ssm_shape, dtype)}
-            tensors = [entry["conv_state"], entry["ssm_state"]]
-        else:
-            entry = {"layer": i, "kind": "attention"}
+    for i, kind, tensors in cfg.cache_layout():
+        if not tensors:
+            continue
+        entry = {"layer": i, "kind": ENTRY_KINDS[kind]}
+        if kind in ("mamba", "parallel"):
+            entry.update(mamba_state_entry(i, conv_shape, ssm_shape, dtype))
+        if kind in ("attention", "parallel"):
             for t in ("key", "value"):
                 entry[t] = {"input": f"past_key_values.{i}.{t}", "output": f"present.{i}.{t}",
                             "shape": ["batch", a.num_kv_heads, "past_seqlen", a.head_dim],
                             "output_shape": ["batch", a.num_kv_heads, "total_seqlen", a.head_dim],
                             "dtype": dtype, "init": "empty", "seq_axis": 2, "meaning": KV_MEANING}
-            tensors = [entry["key"], entry["value"]]
+        tensors = [entry[name] for name, _, _ in tensors]
         state.append(entry)
         ins += [{"name": t["input"], "shape": t["shape"], "dtype": t["dtype"]} for t in tensors]
         outs += [{"name": t["output"], "shape": t.get("output_shape", t["shape"]), "dtype": t["dtype"]} for t in tensors]
@@ -62,7 +68,7 @@ def describe_hybrid(cfg, dtype: str, target, node_count: int) -> dict:
         "intermediate_size": cfg.mamba.intermediate_size, "state_size": cfg.mamba.state_size,
         "conv_kernel": cfg.mamba.conv_kernel, "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id,
         "node_count": node_count,
-        "layer_kinds": ["mamba2" if k == "mamba" else "attention" for k in cfg.layer_types],
+        "layer_kinds": [ENTRY_KINDS[k] for k in cfg.layer_types],
         "attention": {"num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim,
                       "rope": None if a.rope is None else {"theta": a.rope.theta, "rotary_dim": a.rope.rotary_dim,
                                                           "factor": a.rope.factor}},

@@ -236,9 +236,9 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         example_past = 3
         example_state = model.zero_state(2, past_seqlen=example_past)
         example_args = (example_ids, torch.ones(2, example_past + example_seqlen, dtype=torch.long), *example_state)
-        kinds = [kind for _, kind, tensors in cfg.cache_layout() for _ in tensors]
+        grows = ["past_seqlen" in shape for _, _, tensors in cfg.cache_layout() for _, shape, _ in tensors]
         dynamic_shapes = ({0: "batch", 1: "seqlen"}, {0: "batch", 1: "total_seqlen"},
-                          tuple({0: "batch", 2: "past_seqlen"} if k == "attention" else {0: "batch"} for k in kinds))
+                          tuple({0: "batch", 2: "past_seqlen"} if g else {0: "batch"} for g in grows))
         input_names = ["input_ids", ATTENTION_MASK, *(i for i, _ in names)]
     else:
         names = state_names(cfg.num_hidden_layers)

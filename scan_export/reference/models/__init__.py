@@ -5,7 +5,7 @@ Mamba-2), attention.py (GQA + RoPE + KV cache), mlp.py, moe.py, hybrid.py (the h
 one file per family (mamba.py, bamba.py, granitemoehybrid.py) and loading.py (checkpoints).
 """
 
-from .config import (ATTENTION, MAMBA, SUPPORTED_MODEL_TYPES, AttentionDims, HybridConfig, Mamba2Dims,
+from .config import (ATTENTION, FFN, MAMBA, PARALLEL, SUPPORTED_MODEL_TYPES, AttentionDims, HybridConfig, Mamba2Dims,
                      MambaLMConfig, RopeSpec, _json_float)
 from .hybrid import HybridLM
 from .loading import (all_model_types, hybrid_families, load_hf_state_dict, load_hybrid_lm, load_mamba_lm,
@@ -16,7 +16,7 @@ from .norms import GatedRMSNorm, RMSNorm, _rms_normalize, weightless_rms
 
 HYBRID_MODEL_TYPES = ("bamba", "granitemoehybrid")
 
-__all__ = ["ATTENTION", "MAMBA", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
+__all__ = ["ATTENTION", "FFN", "MAMBA", "PARALLEL", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
            "Mamba2Dims", "MambaLMConfig", "RopeSpec", "_json_float", "HybridLM", "all_model_types", "hybrid_families",
            "load_hf_state_dict", "load_hybrid_lm", "read_mamba_config", "checkpoint_names", "model_blueprint", "load_mamba_lm", "load_model", "read_hf_config", "Backbone",
            "MambaBlock", "MambaLM", "Mamba2Mixer", "MambaMixer", "GatedRMSNorm", "RMSNorm", "_rms_normalize",

@@ -85,14 +85,14 @@ class BambaLayer(nn.Module):
             self.self_attn = Attention(cfg.hidden_size, cfg.attention)
         self.feed_forward = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, a, b, allowed, rope):
+    def forward(self, x, cache, allowed, rope):
         h = self.input_layernorm(x)
         if hasattr(self, "mamba"):
-            h, a, b = self.mamba(h, a, b)
+            h, *cache = self.mamba(h, *cache)
         else:
-            h, a, b = self.self_attn(h, a, b, allowed, rope)
+            h, *cache = self.self_attn(h, *cache, allowed, rope)
         x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x)), a, b
+        return x + self.feed_forward(self.pre_ff_layernorm(x)), cache
 
 
 class BambaLM(HybridLM):

@@ -98,7 +98,11 @@ def _json_float(v) -> float:
 # ------------------------------------------------------------------------------------------------
 # Hybrid models: Mamba-2 layers and attention layers in one stack (bamba, granitemoehybrid, ...)
 
-MAMBA, ATTENTION = "mamba", "attention"
+# A hybrid layer's kind says which cache tensors it carries (HybridConfig.cache_layout):
+#   MAMBA ("mamba", a Mamba-2 mixer): conv_state, ssm_state     ATTENTION: key, value
+#   PARALLEL (Falcon-H1: Mamba-2 and attention side by side): conv_state, ssm_state, key, value
+#   FFN (Nemotron-H's MLP / MoE layers): nothing
+MAMBA, ATTENTION, PARALLEL, FFN = "mamba", "attention", "parallel", "ffn"
 # transformers' names for a layer's kind, current and legacy (configuration_utils._LEGACY_LAYER_TYPE_REMAP).
 LAYER_TYPE_NAMES = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION}
 ROPE_TYPES = ("default", "linear")
@@ -157,7 +161,7 @@ class HybridConfig:
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
-    layer_types: tuple[str, ...]  # MAMBA or ATTENTION per layer
+    layer_types: tuple[str, ...]  # MAMBA, ATTENTION, PARALLEL or FFN per layer
     rms_norm_eps: float
     mamba: Mamba2Dims
     attention: AttentionDims
@@ -187,14 +191,16 @@ class HybridConfig:
         """[(layer, kind, [(tensor, shape without batch, dtype class)])] in the graph's order.
         dtype class "state" is float32 (the scan state); "model" is the model dtype. The KV cache's
         sequence axis is the string "past_seqlen"."""
-        conv, ssm = self.mamba.state_shapes()
         kv = (self.attention.num_kv_heads, "past_seqlen", self.attention.head_dim)
         out = []
         for i, kind in enumerate(self.layer_types):
-            if kind == MAMBA:
-                out.append((i, kind, [("conv_state", conv, "model"), ("ssm_state", ssm, "state")]))
-            else:
-                out.append((i, kind, [("key", kv, "model"), ("value", kv, "model")]))
+            mamba = attention = []
+            if kind in (MAMBA, PARALLEL):
+                conv, ssm = self.mamba.state_shapes()
+                mamba = [("conv_state", conv, "model"), ("ssm_state", ssm, "state")]
+            if kind in (ATTENTION, PARALLEL):
+                attention = [("key", kv, "model"), ("value", kv, "model")]
+            out.append((i, kind, mamba + attention))
         return out
 
 

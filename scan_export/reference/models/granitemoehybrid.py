@@ -76,18 +76,18 @@ class GraniteMoeHybridLayer(nn.Module):
     def _residual(self, x, h):
         return x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
 
-    def forward(self, x, a, b, allowed, rope):
+    def forward(self, x, cache, allowed, rope):
         h = self.input_layernorm(x)
         if hasattr(self, "mamba"):
-            h, a, b = self.mamba(h, a, b)
+            h, *cache = self.mamba(h, *cache)
         else:
-            h, a, b = self.self_attn(h, a, b, allowed, rope)
+            h, *cache = self.self_attn(h, *cache, allowed, rope)
         x = self._residual(x, h)
         h = self.post_attention_layernorm(x)
         ffn = self.shared_mlp(h)
         if hasattr(self, "block_sparse_moe"):
             ffn = self.block_sparse_moe(h) + ffn
-        return self._residual(x, ffn), a, b
+        return self._residual(x, ffn), cache
 
 
 class GraniteMoeHybridLM(HybridLM):

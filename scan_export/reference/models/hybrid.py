@@ -3,9 +3,11 @@ or an attention block, a final norm, the lm_head. Families (bamba.py, granitemoe
 the layer class and the names their checkpoints use.
 
 forward(input_ids: (b, l), attention_mask: (b, T), *cache) -> (logits: (b, l, V), *present)
-cache, per layer in order: Mamba-2 layers conv_state (b, K−1, conv_dim), ssm_state (b, heads,
-head_dim, n) float32; attention layers key, value (b, kv_heads, p, head_dim) (attention.py).
+cache, per layer in order (config.HybridConfig.cache_layout): Mamba-2 layers conv_state (b, K−1,
+conv_dim), ssm_state (b, heads, head_dim, n) float32; attention layers key, value (b, kv_heads, p,
+head_dim) (attention.py); parallel layers all four; FFN layers none.
 present: the same tensors after this call; key/value grown to T = p + l along axis 2.
+A layer is called as layer(x, cache: its tensors, allowed, rope) -> (x, [its new tensors]).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from ...errors import ScanExportError
 from .attention import RotaryEmbedding, allowed_keys, positions_from_mask
-from .config import ATTENTION, HybridConfig
+from .config import ATTENTION, PARALLEL, HybridConfig
 from .norms import RMSNorm
 
 
@@ -33,25 +35,28 @@ class HybridLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         rope = cfg.attention.rope
-        self.rotary = RotaryEmbedding(rope) if rope is not None and ATTENTION in cfg.layer_types else None
+        self.has_attention = any(k in (ATTENTION, PARALLEL) for k in cfg.layer_types)
+        self.rotary = RotaryEmbedding(rope) if rope is not None and self.has_attention else None
 
     def forward(self, input_ids, attention_mask, *cache):
         cfg = self.cfg
-        if len(cache) != 2 * cfg.num_hidden_layers:
-            raise ScanExportError(f"expected {2 * cfg.num_hidden_layers} cache tensors (two per layer), got {len(cache)}")
+        counts = [len(tensors) for _, _, tensors in cfg.cache_layout()]
+        if len(cache) != sum(counts):
+            raise ScanExportError(f"expected {sum(counts)} cache tensors (cache_layout), got {len(cache)}")
         l = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
         allowed = rope = None
-        if ATTENTION in cfg.layer_types:
+        if self.has_attention:
             allowed = allowed_keys(attention_mask, l)
             if self.rotary is not None:
                 rope = self.rotary(positions_from_mask(attention_mask, l), x.dtype)
-        present = []
-        for i, layer in enumerate(self.model.layers):
-            x, a, b = layer(x, cache[2 * i], cache[2 * i + 1], allowed, rope)
-            present += [a, b]
+        present, at = [], 0
+        for layer, n in zip(self.model.layers, counts):
+            x, new = layer(x, cache[at:at + n], allowed, rope)
+            present += new
+            at += n
         logits = self.lm_head(getattr(self.model, self.final_norm_name)(x))
         if cfg.logits_scaling != 1.0:
             logits = logits / cfg.logits_scaling
