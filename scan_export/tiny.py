@@ -34,7 +34,16 @@ GRANITE_130M = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, num
 # 24-layer model with 32 experts, 0.9 G parameters, runs the exporter out of 23 GB of memory).
 GRANITE_MOE_8E = dict(GRANITE_130M, num_hidden_layers=6, layer_types=["mamba"] * 5 + ["attention"])
 GRANITE_MOE_32E = dict(GRANITE_MOE_8E, num_local_experts=32)
-HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE}
+# Falcon-H1: every layer runs Mamba-2 and attention in parallel. mamba_d_ssm set (its default is 1024),
+# head_dim set apart from hidden / heads (real checkpoints do), and every µP multiplier ≠ 1.
+TINY_FALCON_H1 = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=24, mamba_d_ssm=96, mamba_n_heads=8,
+                      mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, mamba_rms_norm=True,
+                      tie_word_embeddings=False, embedding_multiplier=5.0, lm_head_multiplier=0.5,
+                      mlp_multipliers=[0.5, 2.0], key_multiplier=0.7, attention_in_multiplier=1.5,
+                      attention_out_multiplier=0.8, ssm_multipliers=[0.5, 1.5, 0.7, 1.3, 0.9],
+                      ssm_in_multiplier=1.2, ssm_out_multiplier=0.6)
+HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE, "falcon_h1": TINY_FALCON_H1}
 
 
 def _transformers():
@@ -46,7 +55,7 @@ def _transformers():
 
 
 def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen: bool = True, **overrides) -> Path:
-    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid model to path and return path.
+    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / FalconH1 model to path and return path.
 
     sharpen: HF's init gives near-uniform logits, so greedy decoding of a random model repeats one
     token and proves little. Larger projection weights give varied, well-separated tokens.
@@ -60,6 +69,7 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         "mamba2": (tf.Mamba2Config, tf.Mamba2ForCausalLM),
         "bamba": (tf.BambaConfig, tf.BambaForCausalLM),
         "granitemoehybrid": (tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM),
+        "falcon_h1": (tf.FalconH1Config, tf.FalconH1ForCausalLM),
     }
     if model_type not in classes:
         raise ScanExportError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")

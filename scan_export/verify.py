@@ -140,7 +140,8 @@ class VerifyReport:
 
 
 HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
-              "bamba": "BambaForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
+              "bamba": "BambaForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+              "falcon_h1": "FalconH1ForCausalLM"}
 MOE_MODEL_TYPES = ("granitemoehybrid", "jamba")
 
 
@@ -177,19 +178,20 @@ def _load_hf(checkpoint_dir, model_type: str, dtype):
 
 def _hf_states(cache, description: dict) -> list[np.ndarray]:
     """transformers' cache in our state order and layout, float64: per Mamba layer conv, ssm; per
-    attention layer key, value (b, kv_heads, T, head_dim), the same layout as ours."""
+    attention layer key, value (b, kv_heads, T, head_dim), the same layout as ours; a layer running
+    both in parallel ("mamba2+attention", Falcon-H1) holds all four under one index, in that order."""
     out = []
     for entry in description["state"]:
-        layer = entry["layer"]
-        if entry["kind"] == "attention":
+        layer, kind = entry["layer"], entry["kind"]
+        if kind != "attention":
+            # HF keeps (b, d, K), we keep the last K−1 columns channels-last: (b, K−1, d).
+            conv = cache.get_conv_state(layer).double().numpy()[..., 1:].transpose(0, 2, 1)
+            ssm = cache.get_recurrent_state(layer).double().numpy()
+            if kind == "mamba":  # Mamba-1: HF (b, d, n), ours channels-last (b, n, d)
+                ssm = ssm.transpose(0, 2, 1)
+            out += [conv, ssm]
+        if kind in ("attention", "mamba2+attention"):
             out += [cache.layers[layer].keys.double().numpy(), cache.layers[layer].values.double().numpy()]
-            continue
-        # HF keeps (b, d, K), we keep the last K−1 columns channels-last: (b, K−1, d).
-        conv = cache.get_conv_state(layer).double().numpy()[..., 1:].transpose(0, 2, 1)
-        ssm = cache.get_recurrent_state(layer).double().numpy()
-        if entry["kind"] == "mamba":  # Mamba-1: HF (b, d, n), ours channels-last (b, n, d)
-            ssm = ssm.transpose(0, 2, 1)
-        out += [conv, ssm]
     return out
 
 
