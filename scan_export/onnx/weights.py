@@ -178,6 +178,10 @@ def fake_mamba_lm(checkpoint_dir, dtype):
                     value = torch.empty(src.shape, dtype=dtype)
             # model.to(dtype) cannot swap fake parameters in place: set new ones.
             setattr(module, name, torch.nn.Parameter(value, requires_grad=False))
+    if names["lm_head.weight"] == names["backbone.embeddings.weight"]:
+        # Tied: one parameter, so the graph holds the table once (Gather and lm_head's Transpose
+        # read the same initializer), instead of the table plus a transposed copy (docs/quantization.md).
+        model.lm_head.weight = model.backbone.embeddings.weight
     return model, weights
 
 
