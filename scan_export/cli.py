@@ -161,6 +161,9 @@ def _add_bench(sub):
     p.add_argument("--prefill-len", type=positive_int, default=None, help="with --model: prompt tokens (default: 512)")
     p.add_argument("--decode-tokens", type=positive_int, default=None,
                    help="with --model: decode steps timed (default: 32)")
+    p.add_argument("--quantize", default=None,
+                   help="with --model: comma-separated from int8,int4: also time these exports next to fp32 (prefill, "
+                        "decode, file size, weight-streaming floor, ops per decode token)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -182,7 +185,7 @@ def cmd_bench(args):
     if args.model + args.ssd + args.export_memory > 1:
         raise ScanExportError("bench: --model, --ssd and --export-memory each choose what to time; give one of them")
     model_only = {"configs": "--configs", "model_type": "--model-type", "prefill_len": "--prefill-len",
-                  "decode_tokens": "--decode-tokens"}
+                  "decode_tokens": "--decode-tokens", "quantize": "--quantize"}
     if not args.model:
         require_flag(args, "--model", model_only)
     if args.model:
@@ -207,9 +210,12 @@ def cmd_bench(args):
         configs = tuple(c.strip() for c in (args.configs or "tiny,130m").split(",") if c.strip())
         if not configs:
             raise ScanExportError(f"bench: --configs expected names from tiny,130m, got {args.configs!r}")
+        quantize = tuple(q.strip() for q in (args.quantize or "").split(",") if q.strip())
+        if args.quantize is not None and (not quantize or any(q not in ("int8", "int4") for q in quantize)):
+            raise ScanExportError(f"bench: --quantize expected names from int8,int4, got {args.quantize!r}")
         results = bench_model(configs=configs, prefill_len=args.prefill_len or 512,
                               decode_tokens=args.decode_tokens or 32, repeats=args.repeats or 3,
-                              model_type=args.model_type or "mamba")
+                              model_type=args.model_type or "mamba", quantize=quantize)
         print(format_model_bench(results))
     else:
         results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size,
