@@ -173,8 +173,99 @@ HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba":
             "granitemoehybrid": "GraniteMoeHybridForCausalLM", "falcon_h1": "FalconH1ForCausalLM"}
 
 
+def decode_bytes(model_path) -> int:
+    """Initializer bytes one decode token reads: all of them, except tables read only by a Gather
+    (one row per token; a table the lm_head also reads counts in full)."""
+    import onnx
+
+    from .onnx.weights import _ext
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    users: dict[str, set] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            users.setdefault(name, set()).add("gather" if n.op_type in ("Gather", "GatherBlockQuantized") and i == 0
+                                              else "other")
+    total = 0
+    for t in model.graph.initializer:
+        if users.get(t.name) == {"gather"}:
+            continue
+        total += (int(_ext(t)["length"]) if t.data_location == onnx.TensorProto.EXTERNAL
+                  else len(t.raw_data) or t.ByteSize())
+    return total
+
+
+def ops_per_decode_token(export_dir) -> int:
+    """Kernel calls in one decode step (l = 1), subgraph bodies included: onnxruntime's profiler."""
+    import numpy as np
+
+    from .runtime.generate import ExportedMamba
+    from .runtime.session import _onnxruntime
+
+    ort = _onnxruntime()
+    m = ExportedMamba(export_dir)
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = str(Path(tmp) / "p")
+        session = ort.InferenceSession(str(Path(export_dir) / m.description["model_file"]), opts,
+                                       providers=["CPUExecutionProvider"])
+        state = m.zero_state(1)
+        feeds = {"input_ids": np.array([[1]], np.int64), "logits_to_keep": np.array(1, np.int64)}
+        feeds.update({e["input"]: s for e, s in zip((x[k] for x in m.description["state"] for k in
+                                                     ("conv_state", "ssm_state")), state)})
+        session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return sum(1 for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"))
+
+
+def bench_quantized(ckpt, root, quantize, prefill_len: int, decode_tokens: int, repeats: int,
+                    bandwidth_gbs: float) -> list[dict]:
+    """fp32 and each of quantize ("int8", "int4") exports of ckpt side by side: prefill (last
+    logits), decode ms/token (median of per-token times, the exports taking turns run by run),
+    file size, and each row's weight-streaming floor (decode_bytes / bandwidth)."""
+    import numpy as np
+
+    from .onnx.model_export import export_model
+    from .runtime.generate import ExportedMamba
+
+    dirs = {"fp32": root / "q-fp32"}
+    export_model(ckpt, dirs["fp32"])
+    for q in quantize:
+        dirs[q] = export_model(ckpt, root / f"q-{q}", quantize=q)
+    models = {k: ExportedMamba(d, "cpu") for k, d in dirs.items()}
+    ids = np.random.default_rng(0).integers(0, models["fp32"].vocab_size, (1, prefill_len))
+
+    def steps(m, out):
+        logits, state = m.forward(ids[:, :8], m.zero_state(1), logits_to_keep=1)
+        for _ in range(decode_tokens):
+            t0 = time.perf_counter()
+            logits, state = m.forward(logits[:, -1].argmax(-1)[:, None], state, logits_to_keep=1)
+            out.append(time.perf_counter() - t0)
+
+    prefill = interleaved_ms({k: (lambda m=m: m.forward(ids, m.zero_state(1), logits_to_keep=1))
+                              for k, m in models.items()}, repeats)
+    times = {k: [] for k in models}
+    for m in models.values():
+        steps(m, [])  # warm-up
+    for _ in range(repeats):
+        for k, m in models.items():
+            steps(m, times[k])
+    rows = []
+    for k, d in dirs.items():
+        path = d / models[k].description["model_file"]
+        read = decode_bytes(path)
+        floor = read / (bandwidth_gbs * 1e9) * 1e3
+        decode = 1e3 * float(np.median(times[k]))
+        rows.append({"weights": k, "file_mb": sum(f.stat().st_size for f in d.glob("model.onnx*")) / 1e6,
+                     "decode_read_mb": read / 1e6, "prefill_ms": prefill[k], "decode_ms_per_token": decode,
+                     "decode_floor_ms": floor, "decode_vs_floor": decode / floor,
+                     "ops_per_decode_token": ops_per_decode_token(d)})
+    return rows
+
+
 def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens: int = 32, repeats: int = 3,
-                workdir=None, model_type: str = "mamba") -> dict:
+                workdir=None, model_type: str = "mamba", quantize=()) -> dict:
     """Prefill tokens/s and decode ms/token (median of per-token times): onnxruntime CPU vs
     transformers eager, same run."""
     import numpy as np
@@ -273,6 +364,10 @@ def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens:
                 "decode_floor_ms": floor_ms,
                 "decode_vs_floor": ort_decode_ms / floor_ms,
             })
+            if quantize:
+                del ours, hf
+                results["models"][-1]["quantized"] = bench_quantized(
+                    ckpt, root / name, quantize, prefill_len, decode_tokens, repeats, results["bandwidth_gbs"])
     return results
 
 
@@ -297,6 +392,13 @@ def format_model_bench(results: dict) -> str:
             f"  weight-streaming floor {m['decode_floor_ms']:.2f} ms/token; onnxruntime decode is "
             f"{m['decode_vs_floor']:.2f}x the floor",
         ]
+        if m.get("quantized"):
+            lines.append(f"  {'onnxruntime weights':<20} {'file MB':>9} {'read/token MB':>14} {'prefill ms':>11} "
+                         f"{'decode ms':>10} {'floor ms':>9} {'decode/floor':>13} {'ops/token':>10}")
+            for r in m["quantized"]:
+                lines.append(f"  {r['weights']:<20} {r['file_mb']:>9.1f} {r['decode_read_mb']:>14.1f} "
+                             f"{r['prefill_ms']:>11.1f} {r['decode_ms_per_token']:>10.2f} {r['decode_floor_ms']:>9.2f} "
+                             f"{r['decode_vs_floor']:>12.2f}x {r['ops_per_decode_token']:>10}")
     return "\n".join(lines)
 
 

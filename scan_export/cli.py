@@ -163,6 +163,9 @@ def _add_bench(sub):
     p.add_argument("--prefill-len", type=positive_int, default=None, help="with --model: prompt tokens (default: 512)")
     p.add_argument("--decode-tokens", type=positive_int, default=None,
                    help="with --model: decode steps timed (default: 32)")
+    p.add_argument("--quantize", default=None,
+                   help="with --model: comma-separated from int8,int4: also time these exports next to fp32 (prefill, "
+                        "decode, file size, weight-streaming floor, ops per decode token)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -184,7 +187,7 @@ def cmd_bench(args):
     if args.model + args.ssd + args.export_memory > 1:
         raise ScanExportError("bench: --model, --ssd and --export-memory each choose what to time; give one of them")
     model_only = {"configs": "--configs", "model_type": "--model-type", "prefill_len": "--prefill-len",
-                  "decode_tokens": "--decode-tokens"}
+                  "decode_tokens": "--decode-tokens", "quantize": "--quantize"}
     if not args.model:
         require_flag(args, "--model", model_only)
     if args.model:
@@ -209,9 +212,12 @@ def cmd_bench(args):
         configs = tuple(c.strip() for c in (args.configs or "tiny,130m").split(",") if c.strip())
         if not configs:
             raise ScanExportError(f"bench: --configs expected names from tiny,130m, got {args.configs!r}")
+        quantize = tuple(q.strip() for q in (args.quantize or "").split(",") if q.strip())
+        if args.quantize is not None and (not quantize or any(q not in ("int8", "int4") for q in quantize)):
+            raise ScanExportError(f"bench: --quantize expected names from int8,int4, got {args.quantize!r}")
         results = bench_model(configs=configs, prefill_len=args.prefill_len or 512,
                               decode_tokens=args.decode_tokens or 32, repeats=args.repeats or 3,
-                              model_type=args.model_type or "mamba")
+                              model_type=args.model_type or "mamba", quantize=quantize)
         print(format_model_bench(results))
     else:
         results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size,
@@ -245,6 +251,14 @@ def _add_export_model(sub):
     p.add_argument("--scan-form", default=None, choices=list(SCAN_FORMS),
                    help="Mamba-1 only: a Scan over time steps (sequential; fastest on CPU) or a Loop over chunks "
                         f"(chunked; parallel within a chunk) (default: {DEFAULT_SCAN_FORM})")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only quantization of every weight MatMul (and the tied embedding) to onnxruntime's "
+                        "MatMulNBits; needs --dtype fp32 (docs/quantization.md)")
+    p.add_argument("--block-size", type=positive_int, default=None,
+                   help="with --quantize: weights per quantization block along K, a power of two >= 16 (default: 32)")
+    p.add_argument("--accuracy-level", type=nonneg_int, default=None,
+                   help="with --quantize: MatMulNBits' activation precision, 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
+                        "(default: 4, the fast kernels; int8 at 0-3 is refused: ~25x slower)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (they are drawn on stderr only when it is a terminal)")
     p.set_defaults(func=cmd_export_model)
@@ -256,12 +270,20 @@ def cmd_export_model(args):
     from .onnx.model_export import DESCRIPTION_FILE, export_model
     from .progress import terminal
 
+    from .onnx.quantize import check_quantize_args
+
+    check_quantize_args(args.quantize, args.block_size, args.accuracy_level, args.dtype,  # before any work
+                        flags={"quantize": "--quantize", "block_size": "--block-size",
+                               "accuracy_level": "--accuracy-level", "dtype": "--dtype"})
     with terminal(enabled=False if args.quiet else None) as progress:
         out = export_model(args.checkpoint_dir, args.out, dtype=args.dtype, target=args.target, opset=args.opset,
                            lowering=args.lowering, scan_form=args.scan_form, force=args.force, revision=args.revision,
+                           quantize=args.quantize, block_size=args.block_size, accuracy_level=args.accuracy_level,
                            progress=progress)
     d = json.loads((out / DESCRIPTION_FILE).read_text())
-    print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}, "
+    q = d.get("quantization")
+    quant = f", int{q['bits']} weights (block {q['block_size']}, accuracy level {q['accuracy_level']})" if q else ""
+    print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}{quant}, "
           f"IR {d['ir_version']}, opset {d['opset']}, {d['node_count']} nodes")
     return 0
 

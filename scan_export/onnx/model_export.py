@@ -31,6 +31,8 @@ from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
 from .output_dir import plan_output_dir, staged_output
+from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_quantize_args,
+                       check_target_quantize, quantize_file)
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for the graph itself
@@ -181,7 +183,8 @@ def describe(cfg, dtype: str, target, node_count: int) -> dict:
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
                  example_seqlen: int = 8, lowering: str | None = None, scan_form: str | None = None,
-                 force: bool = False, revision: str | None = None, progress=None) -> Path:
+                 force: bool = False, revision: str | None = None, quantize: str = "none",
+                 block_size: int | None = None, accuracy_level: int | None = None, progress=None) -> Path:
     """Export a checkpoint into out_dir and return its path. checkpoint_dir: a local directory, or a
     Hugging Face Hub id ORG/NAME (at `revision`) fetched with huggingface_hub (checkpoint.py).
 
@@ -192,6 +195,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     lowering (Mamba-2 only): "portable" (default) or "native"; scan_form (Mamba-1 only):
     "sequential" (default) or "chunked". Asking for one on the other family is refused.
     progress: a progress.Progress (default: silent), called as each long step starts and ends.
+    quantize: "none" (default), "int8" or "int4": weight-only MatMulNBits after the model is written
+    (quantize.py), in blocks of block_size (default 32) at accuracy_level (default 4); fp32 only.
     The weights are never all in memory: the model is traced with fake parameters and the weights
     stream from the checkpoint into the output file (weights.py).
     """
@@ -207,6 +212,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         raise ScanExportError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     if scan_form is not None and scan_form not in SCAN_FORMS:
         raise ScanExportError(f"scan_form: expected one of {list(SCAN_FORMS)}, got {scan_form!r}")
+    check_quantize_args(quantize, block_size, accuracy_level, dtype)
     checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision)
     model_type = read_hf_config(checkpoint_dir).get("model_type")
     hybrid = model_type in HYBRID_MODEL_TYPES
@@ -223,6 +229,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     if hybrid and tgt.genai:
         raise ScanExportError(f"target 'genai' supports mamba, falcon_mamba and mamba2 exports; checkpoint "
                               f"{str(checkpoint_dir)!r} is {model_type!r} (use the default target)")
+    check_target_quantize(tgt, quantize)
     plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"})
     progress = progress or silent
     progress("loading", 0, None)
@@ -264,8 +271,16 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         description = (describe_hybrid if hybrid else describe)(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
         name_dims(proto, description)
         # Checked (full) where it is written; one file up to protobuf's limit, else + model.onnx.data.
-        weights.finish(proto, staging / MODEL_FILE, single_file=model_bytes(proto) <= external_data_bytes,
-                       progress=progress)
+        single_file = model_bytes(proto) <= external_data_bytes
+        weights.finish(proto, staging / MODEL_FILE, single_file=single_file, progress=progress)
+        if QUANTIZE[quantize] is not None:
+            progress("quantizing", 0, None)
+            record = quantize_file(staging / MODEL_FILE, QUANTIZE[quantize], block_size or DEFAULT_BLOCK_SIZE,
+                                   DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
+                                   single_file=single_file)
+            description["node_count"] = record.pop("node_count")
+            description["quantization"] = record
+            progress("quantizing", 1, 1)
         description["lowering"] = lowering
         if not mamba2_scans:
             description["scan_form"] = scan_form

@@ -175,9 +175,12 @@ def fake_model(checkpoint_dir, dtype):
     made = {}
     for module in list(model.modules()):
         for name, p in list(module.named_parameters(recurse=False)):
-            key = name_of[id(p)]
+            # Keyed by checkpoint tensor: parameters read from one tensor (a tied lm_head, even when the
+            # model class keeps its own) become one parameter, so the graph holds the table once
+            # (Gather and the lm_head's Transpose read one initializer; docs/quantization.md).
+            key = names[name_of[id(p)]]
             if key not in made:
-                src = weights.sources[key]
+                src = weights.sources[name_of[id(p)]]
                 if _numel(src.shape) <= limit:
                     value = weights.read(src)
                 else:
