@@ -168,9 +168,9 @@ MODEL_CONFIGS = {("mamba", "tiny"): "TINY", ("mamba", "130m"): "MAMBA_130M",
                  ("mamba2", "tiny"): "TINY", ("mamba2", "130m"): "MAMBA2_130M",
                  ("bamba", "tiny"): "TINY_BAMBA", ("granitemoehybrid", "tiny"): "TINY_GRANITE",
                  ("granitemoehybrid", "130m"): "GRANITE_130M", ("granitemoehybrid", "moe-8e"): "GRANITE_MOE_8E",
-                 ("granitemoehybrid", "moe-32e"): "GRANITE_MOE_32E"}
+                 ("granitemoehybrid", "moe-32e"): "GRANITE_MOE_32E", ("nemotron_h", "tiny"): "TINY_NEMOTRON_H"}
 HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM",
-            "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
+            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
 
 
 def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens: int = 32, repeats: int = 3,
