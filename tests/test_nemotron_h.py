@@ -182,3 +182,40 @@ def test_legacy_pattern_and_refusals(exported, tmp_path):
     assert msg.endswith("field 'moe_latent_size': expected null (latent MoE projections are not supported), got 32")
     msg = _config_error(ckpt, tmp_path, mlp_hidden_act="silu")
     assert msg.endswith("field 'mlp_hidden_act': expected 'relu2', got 'silu'")
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_moe_lowering_matches_the_eager_op(activation, dtype):
+    """The lowered MoeExperts alone (no model export), both forms, against reference/moe_op.py. In
+    float16 the Loop form sums in float32 (onnxruntime's CPU ScatterND has no float16 'add')."""
+    from onnx import TensorProto, helper
+
+    from scan_export.onnx.lowering.graph_builder import GraphBuilder, value_info
+    from scan_export.onnx.lowering.moe import emit_moe_experts
+    from scan_export.reference.moe_op import moe_experts_eager
+    from scan_export.runtime.session import make_session
+
+    E, H, I, k = 4, 8, 6, 2
+    rng = np.random.default_rng(0)
+    up_rows = 2 * I if activation == "swiglu" else I
+    weights = {"gate_up": rng.normal(size=(E, up_rows, H)).astype(dtype), "down": rng.normal(size=(E, H, I)).astype(dtype)}
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    gb = GraphBuilder("moe")
+    out = emit_moe_experts(gb, "x", "idx", "w", "gate_up", "down", elem_type=elem, activation=activation)
+    gb.nodes.append(helper.make_node("Identity", [out], ["out"]))
+    graph = helper.make_graph(gb.nodes, "moe", [value_info("x", elem), value_info("idx", TensorProto.INT64), value_info("w", elem)],
+                              [value_info("out", elem)], [helper.make_tensor(n, elem, v.shape, v.tobytes(), raw=True)
+                                                          for n, v in weights.items()])
+    session = make_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString(), "cpu")
+    for n in (1, 5):  # 2 pairs ≤ 4 experts: the gather form; 10 pairs: the Loop
+        x = rng.normal(size=(n, H)).astype(dtype)
+        idx = np.stack([rng.choice(E, k, replace=False) for _ in range(n)])
+        w = rng.uniform(size=(n, k)).astype(dtype)
+        (got,) = session.run(None, {"x": x, "idx": idx, "w": w})
+        want = moe_experts_eager(*(torch.from_numpy(a).double() for a in (x,)), torch.from_numpy(idx),
+                                 *(torch.from_numpy(a).double() for a in (w, weights["gate_up"], weights["down"])),
+                                 activation).numpy()
+        # float32: rounding of a few products; float16: its 2^-11 relative step on each product and sum
+        tol = 1e-5 if dtype == np.float32 else 4e-3
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())

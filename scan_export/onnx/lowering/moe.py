@@ -50,7 +50,10 @@ def emit_moe_experts(gb: GraphBuilder, x, top_k_index, top_k_weights, gate_up, d
     y = g.op("Mul", g.op("Reshape", y, g.op("Concat", n_, k_, h_, axis=0)), g.op("Unsqueeze", top_k_weights, g.ints(2)))
     y_gather = g.op("ReduceSum", y, g.ints(1), keepdims=0)  # (N, H)
 
-    # Loop form: one iteration per expert, on the rows routed to it.
+    # Loop form: one iteration per expert, on the rows routed to it. The sum is kept in float32 for
+    # float16/bfloat16 models: onnxruntime's CPU ScatterND has no float16 kernel for reduction "add"
+    # (and transformers' experts accumulate in float32 too).
+    acc_type = TensorProto.FLOAT if elem_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16) else elem_type
     lp = gb.child("moe_loop")
     body = lp.child("body")
     e, cond_in, acc = body.name("expert"), body.name("cond_in"), body.name("acc")
@@ -63,17 +66,21 @@ def emit_moe_experts(gb: GraphBuilder, x, top_k_index, top_k_weights, gate_up, d
                                     transB=1), 1, activation)  # (M, I)
     y = body.op("Gemm", act, body.op("Gather", down, e, axis=0), transB=1)  # (M, H)
     y = body.op("Mul", y, body.op("Unsqueeze", body.op("Gather", weight, rows, axis=0), body.ints(1)))
+    if acc_type != elem_type:
+        y = body.op("Cast", y, to=acc_type)
     acc_out = body.op("ScatterND", acc, body.op("Unsqueeze", rows, body.ints(1)), y, reduction="add")
     cond_out = body.op("Identity", cond_in)
     body_graph = body.graph(
         "moe_expert",
-        [value_info(e, TensorProto.INT64, []), value_info(cond_in, TensorProto.BOOL, []), value_info(acc, elem_type)],
-        [value_info(cond_out, TensorProto.BOOL, []), value_info(acc_out, elem_type)],
+        [value_info(e, TensorProto.INT64, []), value_info(cond_in, TensorProto.BOOL, []), value_info(acc, acc_type)],
+        [value_info(cond_out, TensorProto.BOOL, []), value_info(acc_out, acc_type)],
     )
-    zero = helper.make_tensor("zero", elem_type, [1], [0.0])
+    zero = helper.make_tensor("zero", acc_type, [1], [0.0])
     zeros = lp.op("ConstantOfShape", lp.op("Shape", x), value=zero)  # (N, H)
     n_experts = lp.op("Squeeze", lp.op("Slice", lp.op("Shape", gate_up), lp.ints(0), lp.ints(1)), lp.ints(0))
     y_loop = lp.op("Loop", n_experts, lp.const(True, np.bool_), zeros, body=body_graph)
+    if acc_type != elem_type:
+        y_loop = lp.op("Cast", y_loop, to=elem_type)
 
     return gb.op("If", few,
                  then_branch=g.graph("moe_gather", [], [value_info(y_gather, elem_type)]),
