@@ -49,7 +49,8 @@ def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=No
         t0 = time.perf_counter()
         ckpt = make_tiny_checkpoint(root / "checkpoint", model_type)
         cfg = json.loads((ckpt / "config.json").read_text())
-        say(f"1. checkpoint   {ckpt}  ({model_type}, {cfg['num_hidden_layers']} layers, "
+        layers = cfg.get("num_hidden_layers") or len(cfg.get("layers_block_type") or [])  # nemotron_h: the pattern's
+        say(f"1. checkpoint   {ckpt}  ({model_type}, {layers} layers, "
             f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}, random seed 0)")
         t1 = time.perf_counter()
         export_dir = export_model(ckpt, root / "export")

@@ -43,7 +43,16 @@ TINY_FALCON_H1 = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_
                       mlp_multipliers=[0.5, 2.0], key_multiplier=0.7, attention_in_multiplier=1.5,
                       attention_out_multiplier=0.8, ssm_multipliers=[0.5, 1.5, 0.7, 1.3, 0.9],
                       ssm_in_multiplier=1.2, ssm_out_multiplier=0.6)
-HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE, "falcon_h1": TINY_FALCON_H1}
+# Nemotron-H: Mamba-2 / attention (NoPE, GQA 4:2) / ReLU² MLP / MoE (8 experts in 2 groups, top 2 within
+# the best group, shared experts), one mixer per layer.
+TINY_NEMOTRON_H = dict(vocab_size=256, hidden_size=64, layers_block_type=["linear_attention", "full_attention", "mlp", "moe"],
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                       mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4,
+                       chunk_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                       moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, routed_scaling_factor=2.5,
+                       tie_word_embeddings=False)
+HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE, "nemotron_h": TINY_NEMOTRON_H,
+                   "falcon_h1": TINY_FALCON_H1}
 
 
 def _transformers():
@@ -55,7 +64,7 @@ def _transformers():
 
 
 def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen: bool = True, **overrides) -> Path:
-    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / FalconH1 model to path and return path.
+    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / NemotronH / FalconH1 model to path and return path.
 
     sharpen: HF's init gives near-uniform logits, so greedy decoding of a random model repeats one
     token and proves little. Larger projection weights give varied, well-separated tokens.
@@ -70,6 +79,7 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         "bamba": (tf.BambaConfig, tf.BambaForCausalLM),
         "granitemoehybrid": (tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM),
         "falcon_h1": (tf.FalconH1Config, tf.FalconH1ForCausalLM),
+        "nemotron_h": (tf.NemotronHConfig, tf.NemotronHForCausalLM),
     }
     if model_type not in classes:
         raise ScanExportError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
@@ -89,11 +99,18 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         suffixes = (("in_proj.weight", "out_proj.weight", "embed_tokens.weight", "_proj.weight", "lm_head.weight",
                      "linear.weight", "router.weight", "gate_up_proj", "down_proj") if hybrid else
                     ("in_proj.weight", "x_proj.weight", "out_proj.weight", "embeddings.weight"))
+        if model_type == "nemotron_h":  # its embeddings, stacked experts (up_proj, no gate) and router
+            suffixes += ("embeddings.weight", "experts.up_proj", "gate.weight")
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(suffixes) and "conv1d" not in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / p.shape[-1] ** 0.5))
+            for name, b in model.named_buffers():
+                # Nemotron-H's router bias starts at zero; nonzero, it changes which experts are chosen
+                # (and not their weights), which the export must reproduce.
+                if name.endswith("e_score_correction_bias"):
+                    b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
     path = Path(path)
     tf.utils.logging.disable_progress_bar()  # "Writing model shards" for a 1-shard toy is noise
     try:

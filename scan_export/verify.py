@@ -141,8 +141,8 @@ class VerifyReport:
 
 HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
               "bamba": "BambaForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
-              "falcon_h1": "FalconH1ForCausalLM"}
-MOE_MODEL_TYPES = ("granitemoehybrid", "jamba")
+              "falcon_h1": "FalconH1ForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
+MOE_MODEL_TYPES = ("granitemoehybrid", "jamba", "nemotron_h")
 
 
 def read_checkpoint_config(checkpoint_dir, description: dict, export_dir) -> dict:
@@ -157,10 +157,16 @@ def read_checkpoint_config(checkpoint_dir, description: dict, export_dir) -> dic
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ScanExportError(f"--checkpoint {str(path)!r}: config.json is not readable JSON ({e})") from None
     source = f"{Path(export_dir) / DESCRIPTION_FILE}"
+    got = cfg
+    if isinstance(cfg, dict) and cfg.get("model_type") == "nemotron_h":
+        # Nemotron-H's layer count is its layer pattern's length (num_hidden_layers is not written, or ignored)
+        from .reference.models.nemotron_h import block_types
+
+        got = {**cfg, "num_hidden_layers": len(block_types(cfg)[0])}
     for ours, theirs in (("model_type", "model_type"), ("num_layers", "num_hidden_layers"),
                          ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size")):
-        if ours in description and cfg.get(theirs) != description[ours]:
-            raise ScanExportError(f"--checkpoint {str(path)!r}: {theirs} is {cfg.get(theirs)!r}, expected "
+        if ours in description and got.get(theirs) != description[ours]:
+            raise ScanExportError(f"--checkpoint {str(path)!r}: {theirs} is {got.get(theirs)!r}, expected "
                                   f"{description[ours]!r} (the export's, from {source})")
     return cfg
 

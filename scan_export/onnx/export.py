@@ -43,7 +43,8 @@ def lower_custom_ops(model: onnx.ModelProto, lowering: str = "portable",
             continue
         if node.op_type == "MoeExperts":  # no opset condition: standard ops since opset 13 (Split's num_outputs: 18)
             gb = GraphBuilder(f"moe_{k}")
-            out = emit_moe_experts(gb, *node.input, elem_type=_value_type(graph, node.input[0]))
+            out = emit_moe_experts(gb, *node.input, elem_type=_value_type(graph, node.input[0]),
+                                   activation=_attrs(node).get("activation", b"swiglu").decode())
             gb.nodes.append(helper.make_node("Identity", [out], [node.output[0]], name=gb.name("out")))
             new_nodes.extend(gb.nodes)
             continue

@@ -48,7 +48,7 @@ def onnx_translation_table() -> dict:
                           {"chunk_size": INT, "dt_softplus": INT, "dt_limit_lo": FLOAT, "dt_limit_hi": FLOAT,
                            "d_per_channel": INT, "io_dtype": INT, "heads": INT, "state_round": INT})
     _register_onnx_schema("CausalConv", CONV_INPUTS, ("y", "new_state"), 3, {"kernel": INT})
-    _register_onnx_schema("MoeExperts", MOE_INPUTS, ("out",), 5, {})
+    _register_onnx_schema("MoeExperts", MOE_INPUTS, ("out",), 5, {"activation": STRING})
     opset = onnxscript.values.Opset(ONNX_DOMAIN, 1)
     conv_node = onnxscript.values.Op(opset, "CausalConv")
     node = onnxscript.values.Op(opset, "SelectiveScan")
@@ -92,8 +92,8 @@ def onnx_translation_table() -> dict:
         state.type, state.shape = ir.TensorType(x.dtype), conv_state.shape
         return y, state
 
-    def moe_experts(x, top_k_index, top_k_weights, gate_up, down):
-        out = moe_node(x, top_k_index, top_k_weights, gate_up, down)
+    def moe_experts(x, top_k_index, top_k_weights, gate_up, down, activation: str = "swiglu"):
+        out = moe_node(x, top_k_index, top_k_weights, gate_up, down, activation=activation)
         out.type, out.shape = ir.TensorType(x.dtype), x.shape
         return out
 

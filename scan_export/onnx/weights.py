@@ -81,6 +81,27 @@ class TensorSource:
         return t.reshape(((r1 - r0), *self.shape[1:]) if self.shape else ())
 
 
+@dataclass
+class StackedSource:
+    """Per-expert checkpoint tensors read as one (E, ...) tensor (transformers' MergeModulelist):
+    a model parameter whose checkpoint name is a tuple of names (reference.models.loading)."""
+
+    parts: list  # [TensorSource], expert order, equal shapes and dtypes (checked by the loader)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.parts), *self.parts[0].shape)
+
+    @property
+    def dtype(self):
+        return self.parts[0].dtype
+
+    def rows(self, r0: int, r1: int):
+        import torch
+
+        return torch.stack([p.rows(0, p.shape[0]) for p in self.parts[r0:r1]])
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -168,8 +189,15 @@ def fake_model(checkpoint_dir, dtype):
     names = checkpoint_names(model, {k: s.shape for k, s in sources.items()})
     old = list(model.parameters())  # kept alive while replaced, so that their ids stay theirs
     name_of = {id(p): k for k, p in model.named_parameters()}  # tied parameters: one name
+    stacked = {}
+
+    def source(name):  # a tuple of names: per-expert tensors, stacked (one StackedSource per parameter)
+        if isinstance(name, tuple):
+            return stacked.setdefault(name, StackedSource([sources[p] for p in name]))
+        return sources[name]
+
     # torch.export names a tied parameter once per module that holds it: every name gets the source.
-    weights = CheckpointWeights({k: sources[names[name_of[id(p)]]]
+    weights = CheckpointWeights({k: source(names[name_of[id(p)]])
                                  for k, p in model.named_parameters(remove_duplicate=False)}, dtype)
     limit = _fold_limit()
     made = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -127,14 +128,51 @@ def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
 
 
 def hybrid_families() -> dict:
-    """model_type -> the family module (config_from_hf, build, RENAMES)."""
-    from . import bamba, falcon_h1, granitemoehybrid
+    """model_type -> the family module (config_from_hf, build, RENAMES; STACK_EXPERTS if its
+    checkpoints may store each expert's matrices apart)."""
+    from . import bamba, falcon_h1, granitemoehybrid, nemotron_h
 
-    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, falcon_h1)}
+    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, nemotron_h, falcon_h1)}
+
+
+EXPERT_PART = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+def stacked_experts(names, shape_of: dict, checkpoint_dir) -> dict[str, list[str]]:
+    """transformers' MergeModulelist: per-expert `….experts.{e}.{proj}.weight` tensors -> one
+    `….experts.{proj}` of shape (E, ...), experts in order. {stacked name: [part names]}; raises
+    when an expert is missing or the parts' shapes differ."""
+    groups: dict[str, dict[int, str]] = {}
+    for k in names:
+        m = EXPERT_PART.match(k)
+        if m:
+            groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = k
+    out = {}
+    for name, parts in groups.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: {name} has experts {sorted(parts)}, expected "
+                                  f"0..{len(parts) - 1}")
+        out[name] = [parts[e] for e in range(len(parts))]
+        shapes = {tuple(shape_of[p]) for p in out[name]}
+        if len(shapes) != 1:
+            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: the experts of {name} have different shapes "
+                                  f"{sorted(shapes)}, expected one")
+    return out
+
+
+def _renamed(family, names) -> dict:
+    """{our name: checkpoint name} after the family's RENAMES."""
+    out = {}
+    for k in names:
+        new = k
+        for old, repl in family.RENAMES:
+            new = new.replace(old, repl)
+        out[new] = k
+    return out
 
 
 def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
-    """Build a hybrid LM (bamba, granitemoehybrid, falcon_h1) from a local HF checkpoint, weights by name."""
+    """Build a hybrid LM (any of hybrid_families()) from a local HF checkpoint, weights by name."""
     raw = read_hf_config(checkpoint_dir)
     families = hybrid_families()
     family = families.get(raw.get("model_type"))
@@ -143,8 +181,10 @@ def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
                               f"{sorted(families)}, got {raw.get('model_type')!r}")
     model = _parse_config(checkpoint_dir, family.build)
     state = load_hf_state_dict(checkpoint_dir)
-    for old, new in family.RENAMES:
-        state = {k.replace(old, new): v for k, v in state.items()}
+    state = {new: state[k] for new, k in _renamed(family, state).items()}
+    if getattr(family, "STACK_EXPERTS", False):
+        for name, parts in stacked_experts(state, {k: v.shape for k, v in state.items()}, checkpoint_dir).items():
+            state[name] = torch.stack([state.pop(p) for p in parts])
     _load_weights(model, state, checkpoint_dir)
     return model.to(dtype).eval()
 
@@ -172,21 +212,21 @@ def model_blueprint(checkpoint_dir):
     _parse_config(checkpoint_dir, family.build)  # config mistakes surface here, before any tracing
 
     def names(model, shapes):
-        renamed = {}
-        for k in shapes:
-            new = k
-            for old, repl in family.RENAMES:
-                new = new.replace(old, repl)
-            renamed[new] = k
+        renamed = _renamed(family, shapes)  # our name -> checkpoint name, or a tuple of them to stack
+        shape_of = {new: tuple(shapes[k]) for new, k in renamed.items()}
+        if getattr(family, "STACK_EXPERTS", False):
+            for name, parts in stacked_experts(renamed, shape_of, checkpoint_dir).items():
+                renamed[name] = tuple(renamed.pop(p) for p in parts)
+                shape_of[name] = (len(parts), *shape_of[parts[0]])
         wanted = dict(model.named_parameters())  # a tied lm_head is the embedding's parameter: listed once
         missing = sorted(k for k in wanted if k not in renamed)
         if missing:
             raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r} is missing {len(missing)} weight(s) config.json "
                                   f"asks for: {missing[:4]}{' ...' if len(missing) > 4 else ''}")
         for k, p in wanted.items():
-            if tuple(shapes[renamed[k]]) != tuple(p.shape):
+            if shape_of[k] != tuple(p.shape):
                 raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {k} expected shape {tuple(p.shape)} "
-                                      f"(from config.json), got {tuple(shapes[renamed[k]])}")
+                                      f"(from config.json), got {shape_of[k]}")
         return {k: renamed[k] for k in wanted}
 
     return (lambda: family.build(raw)), names
