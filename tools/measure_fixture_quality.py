@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -92,7 +91,6 @@ def main(argv=None):
         models = {k: ExportedMamba(v, threads=args.threads) for k, v in dirs.items()}
         base = None
         for dtype, model in models.items():
-            t = time.perf_counter()
             bpb = bits_per_byte(model, held)
             base = base or bpb
             agree = greedy_agreement(models["fp32"], model, prompts, args.tokens) if dtype != "fp32" else None
