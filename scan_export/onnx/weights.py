@@ -81,6 +81,22 @@ class TensorSource:
         return t.reshape(((r1 - r0), *self.shape[1:]) if self.shape else ())
 
 
+class StackedSource(TensorSource):
+    """A parameter the checkpoint stores in pieces (jamba's experts): row e of the stack is the
+    concatenation on axis 0 of parts[e] (TensorSources of equal trailing shape). rows(r0, r1) reads
+    only those rows' pieces, so the memory-lean export streams it like any other tensor."""
+
+    def __init__(self, parts: list[list[TensorSource]]):
+        first = parts[0][0]
+        super().__init__((len(parts), sum(p.shape[0] for p in parts[0]), *first.shape[1:]), first.dtype, first.path)
+        self.parts = parts
+
+    def rows(self, r0: int, r1: int):
+        import torch
+
+        return torch.stack([torch.cat([p.rows(0, p.shape[0]).to(self.dtype) for p in row]) for row in self.parts[r0:r1]])
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -160,8 +176,10 @@ def fake_model(checkpoint_dir, dtype):
 
     from ..reference.models import model_blueprint
 
+    from ..reference.models.loading import stacked_tensors
+
     build, checkpoint_names = model_blueprint(checkpoint_dir)
-    sources = checkpoint_tensors(checkpoint_dir)
+    sources = stacked_tensors(checkpoint_dir, checkpoint_tensors(checkpoint_dir), StackedSource)
     # allow_non_fake_inputs: the example inputs (ids, zero states) and small weights stay real tensors.
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = build().eval()

@@ -128,13 +128,40 @@ def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
 
 def hybrid_families() -> dict:
     """model_type -> the family module (config_from_hf, build, RENAMES)."""
-    from . import bamba, falcon_h1, granitemoehybrid
+    from . import bamba, falcon_h1, granitemoehybrid, jamba
 
-    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, falcon_h1)}
+    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, falcon_h1, jamba)}
+
+
+def stacked_tensors(checkpoint_dir, tensors: dict, combine) -> dict:
+    """tensors ({checkpoint name: tensor or TensorSource}) plus the parameters a family stacks from
+    several checkpoint tensors (jamba's experts: the family's `stacked(names)` says which, per row
+    of the stacked parameter, are concatenated on axis 0); combine(rows of tensors) makes one.
+    Names the checkpoint already holds are left as they are."""
+    family = hybrid_families().get(read_hf_config(checkpoint_dir).get("model_type"))
+    recipe = getattr(family, "stacked", None)
+    if recipe is None:
+        return tensors
+    extra = {}
+    for k, rows in recipe(list(tensors)).items():
+        if k in tensors:
+            continue
+        for row in rows[1:]:
+            for n, n0 in zip(row, rows[0]):
+                if tuple(tensors[n].shape) != tuple(tensors[n0].shape):
+                    raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {n} has shape "
+                                          f"{tuple(tensors[n].shape)}, expected {tuple(tensors[n0].shape)} (as {n0})")
+        extra[k] = combine([[tensors[n] for n in row] for row in rows])
+    return {**tensors, **extra}
+
+
+def stack_rows(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The eager combine for stacked_tensors: torch.stack of each row's torch.cat on axis 0."""
+    return torch.stack([torch.cat(row, dim=0) for row in rows])
 
 
 def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
-    """Build a hybrid LM (bamba, granitemoehybrid, falcon_h1) from a local HF checkpoint, weights by name."""
+    """Build a hybrid LM (bamba, granitemoehybrid, falcon_h1, jamba) from a local HF checkpoint, weights by name."""
     raw = read_hf_config(checkpoint_dir)
     families = hybrid_families()
     family = families.get(raw.get("model_type"))
@@ -142,7 +169,7 @@ def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
         raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
                               f"{sorted(families)}, got {raw.get('model_type')!r}")
     model = _parse_config(checkpoint_dir, family.build)
-    state = load_hf_state_dict(checkpoint_dir)
+    state = stacked_tensors(checkpoint_dir, load_hf_state_dict(checkpoint_dir), stack_rows)
     for old, new in family.RENAMES:
         state = {k.replace(old, new): v for k, v in state.items()}
     _load_weights(model, state, checkpoint_dir)
