@@ -51,8 +51,17 @@ TINY_NEMOTRON_H = dict(vocab_size=256, hidden_size=64, layers_block_type=["linea
                        chunk_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                        moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, routed_scaling_factor=2.5,
                        tie_word_embeddings=False)
+# Jamba (hybrids.md 4.9): Mamba-1 layers 0, 2 and attention layers 1, 3 (period 2, offset 1), MoE with
+# 4 experts top-2 in layers 1, 3 (period 2, offset 1), dense SwiGLU MLPs in 0, 2; GQA 4:2, no RoPE.
+TINY_JAMBA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8,
+                  mamba_d_conv=4, mamba_expand=2, tie_word_embeddings=False)
 HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE, "nemotron_h": TINY_NEMOTRON_H,
-                   "falcon_h1": TINY_FALCON_H1}
+                   "falcon_h1": TINY_FALCON_H1, "jamba": TINY_JAMBA}
+# Extra gain on top of sharpen's, by parameter suffix: a Mamba-1 mixer's output (D·u gated by silu(z))
+# is a few times weaker than an MLP's at the same init, and a late Mamba layer would barely move the tokens.
+SHARPEN_GAINS = {"jamba": {"mamba.out_proj.weight": 3.0}}
 
 
 def _transformers():
@@ -64,7 +73,7 @@ def _transformers():
 
 
 def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen: bool = True, **overrides) -> Path:
-    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / NemotronH / FalconH1 model to path and return path.
+    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / NemotronH / FalconH1 / Jamba model to path and return path.
 
     sharpen: HF's init gives near-uniform logits, so greedy decoding of a random model repeats one
     token and proves little. Larger projection weights give varied, well-separated tokens.
@@ -80,6 +89,7 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         "granitemoehybrid": (tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM),
         "falcon_h1": (tf.FalconH1Config, tf.FalconH1ForCausalLM),
         "nemotron_h": (tf.NemotronHConfig, tf.NemotronHForCausalLM),
+        "jamba": (tf.JambaConfig, tf.JambaForCausalLM),
     }
     if model_type not in classes:
         raise ScanExportError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
@@ -102,10 +112,12 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         if model_type == "nemotron_h":  # its embeddings, stacked experts (up_proj, no gate) and router
             suffixes += ("embeddings.weight", "experts.up_proj", "gate.weight")
         gen = torch.Generator().manual_seed(seed + 1)
+        gains = SHARPEN_GAINS.get(model_type, {})
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith(suffixes) and "conv1d" not in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / p.shape[-1] ** 0.5))
+                    gain = next((g for k, g in gains.items() if name.endswith(k)), 1.0)
+                    p.copy_(torch.randn(p.shape, generator=gen) * (gain * 1.5 / p.shape[-1] ** 0.5))
             for name, b in model.named_buffers():
                 # Nemotron-H's router bias starts at zero; nonzero, it changes which experts are chosen
                 # (and not their weights), which the export must reproduce.

@@ -141,7 +141,7 @@ class VerifyReport:
 
 HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
               "bamba": "BambaForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
-              "falcon_h1": "FalconH1ForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
+              "falcon_h1": "FalconH1ForCausalLM", "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM"}
 MOE_MODEL_TYPES = ("granitemoehybrid", "jamba", "nemotron_h")
 
 

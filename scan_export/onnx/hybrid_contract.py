@@ -6,6 +6,7 @@ and the attention mask (docs/deploy.md has the host's side).
            attention_mask: (batch, total_seqlen) int64, total_seqlen = past_seqlen + seqlen
            per layer i, in layer order:
              Mamba-2:   past.{i}.conv_state (batch, K−1, conv_dim), past.{i}.ssm_state (batch, heads, head_dim, n) f32
+             Mamba-1 (jamba): past.{i}.conv_state (batch, K−1, d_inner), past.{i}.ssm_state (batch, n, d_inner) f32
              attention: past_key_values.{i}.key, past_key_values.{i}.value (batch, kv_heads, past_seqlen, head_dim)
            logits_to_keep: () int64
   outputs  logits, then present.{i}.* in the same order; present keys/values are (batch, kv_heads, total_seqlen, head_dim)
@@ -32,7 +33,9 @@ def cache_names(cfg) -> list[tuple[str, str]]:
 
 
 # scan_export.json's name for each layer kind (config.py); FFN layers carry no state and get no entry
-ENTRY_KINDS = {"mamba": "mamba2", "attention": "attention", "parallel": "mamba2+attention", "ffn": "ffn"}
+# ("mamba1", Jamba's Mamba-1 layers, is "mamba" as in the Mamba-1 exports: the same state layout)
+ENTRY_KINDS = {"mamba": "mamba2", "attention": "attention", "parallel": "mamba2+attention", "ffn": "ffn",
+               "mamba1": "mamba"}
 
 
 def describe_hybrid(cfg, dtype: str, target, node_count: int) -> dict:
@@ -45,7 +48,7 @@ def describe_hybrid(cfg, dtype: str, target, node_count: int) -> dict:
         if not tensors:
             continue
         entry = {"layer": i, "kind": ENTRY_KINDS[kind]}
-        if kind in ("mamba", "parallel"):
+        if kind in ("mamba", "parallel", "mamba1"):
             entry.update(mamba_state_entry(i, conv_shape, ssm_shape, dtype))
         if kind in ("attention", "parallel"):
             for t in ("key", "value"):

@@ -216,7 +216,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision)
     model_type = read_hf_config(checkpoint_dir).get("model_type")
     hybrid = model_type in HYBRID_MODEL_TYPES
-    mamba2_scans = model_type == "mamba2" or hybrid  # every hybrid here has Mamba-2 layers
+    mamba2_scans = model_type == "mamba2" or (hybrid and model_type != "jamba")  # jamba's Mamba layers are Mamba-1
     if lowering not in (None, "portable") and not mamba2_scans:
         raise ScanExportError(f"lowering {lowering!r} applies to Mamba-2 scans only; checkpoint {str(checkpoint_dir)!r} "
                               f"is {model_type!r}, whose scan has one lowering (leave --lowering out)")

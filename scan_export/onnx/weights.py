@@ -81,25 +81,20 @@ class TensorSource:
         return t.reshape(((r1 - r0), *self.shape[1:]) if self.shape else ())
 
 
-@dataclass
-class StackedSource:
-    """Per-expert checkpoint tensors read as one (E, ...) tensor (transformers' MergeModulelist):
-    a model parameter whose checkpoint name is a tuple of names (reference.models.loading)."""
+class StackedSource(TensorSource):
+    """A parameter the checkpoint stores in pieces (jamba's experts): row e of the stack is the
+    concatenation on axis 0 of parts[e] (TensorSources of equal trailing shape). rows(r0, r1) reads
+    only those rows' pieces, so the memory-lean export streams it like any other tensor."""
 
-    parts: list  # [TensorSource], expert order, equal shapes and dtypes (checked by the loader)
-
-    @property
-    def shape(self) -> tuple:
-        return (len(self.parts), *self.parts[0].shape)
-
-    @property
-    def dtype(self):
-        return self.parts[0].dtype
+    def __init__(self, parts: list[list[TensorSource]]):
+        first = parts[0][0]
+        super().__init__((len(parts), sum(p.shape[0] for p in parts[0]), *first.shape[1:]), first.dtype, first.path)
+        self.parts = parts
 
     def rows(self, r0: int, r1: int):
         import torch
 
-        return torch.stack([p.rows(0, p.shape[0]) for p in self.parts[r0:r1]])
+        return torch.stack([torch.cat([p.rows(0, p.shape[0]).to(self.dtype) for p in row]) for row in self.parts[r0:r1]])
 
 
 def _numel(shape) -> int:
@@ -180,24 +175,18 @@ def fake_model(checkpoint_dir, dtype):
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     from ..reference.models import model_blueprint
+    from ..reference.models.loading import stacked_tensors
 
     build, checkpoint_names = model_blueprint(checkpoint_dir)
-    sources = checkpoint_tensors(checkpoint_dir)
+    sources = stacked_tensors(checkpoint_dir, checkpoint_tensors(checkpoint_dir), StackedSource)
     # allow_non_fake_inputs: the example inputs (ids, zero states) and small weights stay real tensors.
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = build().eval()
     names = checkpoint_names(model, {k: s.shape for k, s in sources.items()})
     old = list(model.parameters())  # kept alive while replaced, so that their ids stay theirs
     name_of = {id(p): k for k, p in model.named_parameters()}  # tied parameters: one name
-    stacked = {}
-
-    def source(name):  # a tuple of names: per-expert tensors, stacked (one StackedSource per parameter)
-        if isinstance(name, tuple):
-            return stacked.setdefault(name, StackedSource([sources[p] for p in name]))
-        return sources[name]
-
     # torch.export names a tied parameter once per module that holds it: every name gets the source.
-    weights = CheckpointWeights({k: source(names[name_of[id(p)]])
+    weights = CheckpointWeights({k: sources[names[name_of[id(p)]]]
                                  for k, p in model.named_parameters(remove_duplicate=False)}, dtype)
     limit = _fold_limit()
     made = {}

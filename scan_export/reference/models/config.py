@@ -102,7 +102,8 @@ def _json_float(v) -> float:
 #   MAMBA ("mamba", a Mamba-2 mixer): conv_state, ssm_state     ATTENTION: key, value
 #   PARALLEL (Falcon-H1: Mamba-2 and attention side by side): conv_state, ssm_state, key, value
 #   FFN (Nemotron-H's MLP / MoE layers): nothing
-MAMBA, ATTENTION, PARALLEL, FFN = "mamba", "attention", "parallel", "ffn"
+#   MAMBA1 ("mamba1", Jamba's Mamba-1 mixer): conv_state (K−1, d), ssm_state (n, d), channels last
+MAMBA, ATTENTION, PARALLEL, FFN, MAMBA1 = "mamba", "attention", "parallel", "ffn", "mamba1"
 # transformers' names for a layer's kind, current and legacy (configuration_utils._LEGACY_LAYER_TYPE_REMAP).
 LAYER_TYPE_NAMES = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION}
 ROPE_TYPES = ("default", "linear")
@@ -134,6 +135,28 @@ class Mamba2Dims:
 
 
 @dataclass(frozen=True)
+class Mamba1Dims:
+    """The sizes of a Mamba-1 mixer (Jamba's), named as MambaLMConfig names them (MambaMixer reads either)."""
+
+    hidden_size: int
+    intermediate_size: int
+    state_size: int
+    conv_kernel: int
+    time_step_rank: int
+    use_bias: bool
+    use_conv_bias: bool
+    model_type: str = "jamba"  # MambaMixer's FalconMamba test reads it
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate_size
+
+    def state_shapes(self) -> tuple[tuple, tuple]:
+        """The Mamba-1 exports' layout (MambaLMConfig.state_shapes): both channels last."""
+        return (self.conv_kernel - 1, self.intermediate_size), (self.state_size, self.intermediate_size)
+
+
+@dataclass(frozen=True)
 class RopeSpec:
     """Rotary embedding as transformers computes it: inv_freq over the first `rotary_dim` channels
     (head_dim · partial_rotary_factor), divided by `factor` for rope_type "linear"."""
@@ -161,9 +184,9 @@ class HybridConfig:
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
-    layer_types: tuple[str, ...]  # MAMBA, ATTENTION, PARALLEL or FFN per layer
+    layer_types: tuple[str, ...]  # MAMBA, ATTENTION, PARALLEL, FFN or MAMBA1 per layer
     rms_norm_eps: float
-    mamba: Mamba2Dims
+    mamba: Mamba2Dims | Mamba1Dims  # Mamba1Dims for a model whose Mamba layers are MAMBA1
     attention: AttentionDims
     tie_word_embeddings: bool = False
     eos_token_id: int | None = None
@@ -195,7 +218,7 @@ class HybridConfig:
         out = []
         for i, kind in enumerate(self.layer_types):
             mamba = attention = []
-            if kind in (MAMBA, PARALLEL):
+            if kind in (MAMBA, PARALLEL, MAMBA1):
                 conv, ssm = self.mamba.state_shapes()
                 mamba = [("conv_state", conv, "model"), ("ssm_state", ssm, "state")]
             if kind in (ATTENTION, PARALLEL):

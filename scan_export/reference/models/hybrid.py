@@ -5,7 +5,8 @@ the layer class and the names their checkpoints use.
 forward(input_ids: (b, l), attention_mask: (b, T), *cache) -> (logits: (b, l, V), *present)
 cache, per layer in order (config.HybridConfig.cache_layout): Mamba-2 layers conv_state (b, K−1,
 conv_dim), ssm_state (b, heads, head_dim, n) float32; attention layers key, value (b, kv_heads, p,
-head_dim) (attention.py); parallel layers all four; FFN layers none.
+head_dim) (attention.py); parallel layers all four; FFN layers none; Mamba-1 layers (jamba)
+conv_state (b, K−1, d_inner), ssm_state (b, n, d_inner) float32, as the Mamba-1 exports.
 present: the same tensors after this call; key/value grown to T = p + l along axis 2.
 A layer is called as layer(x, cache: its tensors, allowed, rope) -> (x, [its new tensors]).
 """

@@ -128,47 +128,67 @@ def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
 
 
 def hybrid_families() -> dict:
-    """model_type -> the family module (config_from_hf, build, RENAMES; STACK_EXPERTS if its
-    checkpoints may store each expert's matrices apart)."""
-    from . import bamba, falcon_h1, granitemoehybrid, nemotron_h
+    """model_type -> the family module (config_from_hf, build, RENAMES; `stacked` if its checkpoints
+    may store each expert's matrices apart: per_expert_stacks)."""
+    from . import bamba, falcon_h1, granitemoehybrid, jamba, nemotron_h
 
-    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, nemotron_h, falcon_h1)}
-
-
-EXPERT_PART = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, nemotron_h, falcon_h1, jamba)}
 
 
-def stacked_experts(names, shape_of: dict, checkpoint_dir) -> dict[str, list[str]]:
-    """transformers' MergeModulelist: per-expert `….experts.{e}.{proj}.weight` tensors -> one
-    `….experts.{proj}` of shape (E, ...), experts in order. {stacked name: [part names]}; raises
-    when an expert is missing or the parts' shapes differ."""
-    groups: dict[str, dict[int, str]] = {}
-    for k in names:
-        m = EXPERT_PART.match(k)
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def per_expert_stacks(names) -> dict[str, list[list[str]]]:
+    """transformers' MergeModulelist for checkpoints that store each expert apart: {a stacked
+    parameter: per expert, the checkpoint tensors concatenated on axis 0} for the per-expert tensors
+    among `names` (the checkpoint's): ...experts.gate_up_proj from each expert's [gate_proj, up_proj]
+    (jamba), ...experts.up_proj from an up_proj alone (Nemotron-H's non-gated experts),
+    ...experts.down_proj from its down_proj. Experts must be numbered 0..E−1 and complete; otherwise
+    nothing is stacked and the loader reports the parameter missing."""
+    found: dict[str, dict[int, dict[str, str]]] = {}
+    for name in names:
+        m = _EXPERT.match(name)
         if m:
-            groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = k
+            found.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = name
     out = {}
-    for name, parts in groups.items():
-        if sorted(parts) != list(range(len(parts))):
-            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: {name} has experts {sorted(parts)}, expected "
-                                  f"0..{len(parts) - 1}")
-        out[name] = [parts[e] for e in range(len(parts))]
-        shapes = {tuple(shape_of[p]) for p in out[name]}
-        if len(shapes) != 1:
-            raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: the experts of {name} have different shapes "
-                                  f"{sorted(shapes)}, expected one")
+    for prefix, experts in found.items():
+        if sorted(experts) != list(range(len(experts))):
+            continue
+        rows = [experts[e] for e in range(len(experts))]
+        if all(("gate_proj" in r and "up_proj" in r) for r in rows):
+            out[f"{prefix}.gate_up_proj"] = [[r["gate_proj"], r["up_proj"]] for r in rows]
+        elif all("up_proj" in r and "gate_proj" not in r for r in rows):
+            out[f"{prefix}.up_proj"] = [[r["up_proj"]] for r in rows]
+        if all("down_proj" in r for r in rows):
+            out[f"{prefix}.down_proj"] = [[r["down_proj"]] for r in rows]
     return out
 
 
-def _renamed(family, names) -> dict:
-    """{our name: checkpoint name} after the family's RENAMES."""
-    out = {}
-    for k in names:
-        new = k
-        for old, repl in family.RENAMES:
-            new = new.replace(old, repl)
-        out[new] = k
-    return out
+def stacked_tensors(checkpoint_dir, tensors: dict, combine) -> dict:
+    """tensors ({checkpoint name: tensor or TensorSource}) plus the parameters a family stacks from
+    several checkpoint tensors (jamba's experts: the family's `stacked(names)` says which, per row
+    of the stacked parameter, are concatenated on axis 0); combine(rows of tensors) makes one.
+    Names the checkpoint already holds are left as they are."""
+    family = hybrid_families().get(read_hf_config(checkpoint_dir).get("model_type"))
+    recipe = getattr(family, "stacked", None)
+    if recipe is None:
+        return tensors
+    extra = {}
+    for k, rows in recipe(list(tensors)).items():
+        if k in tensors:
+            continue
+        for row in rows[1:]:
+            for n, n0 in zip(row, rows[0]):
+                if tuple(tensors[n].shape) != tuple(tensors[n0].shape):
+                    raise ScanExportError(f"checkpoint {str(checkpoint_dir)!r}: weight {n} has shape "
+                                          f"{tuple(tensors[n].shape)}, expected {tuple(tensors[n0].shape)} (as {n0})")
+        extra[k] = combine([[tensors[n] for n in row] for row in rows])
+    return {**tensors, **extra}
+
+
+def stack_rows(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The eager combine for stacked_tensors: torch.stack of each row's torch.cat on axis 0."""
+    return torch.stack([torch.cat(row, dim=0) for row in rows])
 
 
 def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
@@ -180,11 +200,9 @@ def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
         raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
                               f"{sorted(families)}, got {raw.get('model_type')!r}")
     model = _parse_config(checkpoint_dir, family.build)
-    state = load_hf_state_dict(checkpoint_dir)
-    state = {new: state[k] for new, k in _renamed(family, state).items()}
-    if getattr(family, "STACK_EXPERTS", False):
-        for name, parts in stacked_experts(state, {k: v.shape for k, v in state.items()}, checkpoint_dir).items():
-            state[name] = torch.stack([state.pop(p) for p in parts])
+    state = stacked_tensors(checkpoint_dir, load_hf_state_dict(checkpoint_dir), stack_rows)
+    for old, new in family.RENAMES:
+        state = {k.replace(old, new): v for k, v in state.items()}
     _load_weights(model, state, checkpoint_dir)
     return model.to(dtype).eval()
 
@@ -212,12 +230,8 @@ def model_blueprint(checkpoint_dir):
     _parse_config(checkpoint_dir, family.build)  # config mistakes surface here, before any tracing
 
     def names(model, shapes):
-        renamed = _renamed(family, shapes)  # our name -> checkpoint name, or a tuple of them to stack
+        renamed = _renamed(family, shapes)  # our name -> checkpoint name (stacked ones: stacked_tensors)
         shape_of = {new: tuple(shapes[k]) for new, k in renamed.items()}
-        if getattr(family, "STACK_EXPERTS", False):
-            for name, parts in stacked_experts(renamed, shape_of, checkpoint_dir).items():
-                renamed[name] = tuple(renamed.pop(p) for p in parts)
-                shape_of[name] = (len(parts), *shape_of[parts[0]])
         wanted = dict(model.named_parameters())  # a tied lm_head is the embedding's parameter: listed once
         missing = sorted(k for k in wanted if k not in renamed)
         if missing:

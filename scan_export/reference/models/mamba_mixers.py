@@ -31,6 +31,13 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.use_bias)
 
+    def dt_b_c_norms(self, dt, B, C):
+        """Norms on Δ (b, l, r), B and C (b, l, n) before Δ's projection: FalconMamba's weightless
+        RMS norm, none for Mamba (Jamba's mixer overrides this with weighted norms)."""
+        if self.cfg.model_type == "falcon_mamba":
+            return tuple(weightless_rms(t, self.cfg.mixer_rms_eps) for t in (dt, B, C))
+        return dt, B, C
+
     def forward(self, x, conv_state, ssm_state):
         """x: (b, l, h), conv_state: (b, K−1, d), ssm_state: (b, n, d) -> (y: (b, l, h), conv_state', ssm_state')
 
@@ -41,9 +48,8 @@ class MambaMixer(nn.Module):
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         u, conv_state = causal_conv(u, conv_state, self.conv1d.weight, self.conv1d.bias)
         u = F.silu(u)
-        dt, B, C = self.x_proj(u).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
-        if cfg.model_type == "falcon_mamba":
-            dt, B, C = (weightless_rms(t, cfg.mixer_rms_eps) for t in (dt, B, C))
+        dt, B, C = self.dt_b_c_norms(*self.x_proj(u).split([cfg.time_step_rank, cfg.state_size, cfg.state_size],
+                                                             dim=-1))
         dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias goes in as delta_bias
         y, ssm_state = selective_scan_fn(
             u.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
