@@ -176,4 +176,4 @@ def build(raw: dict) -> JambaLM:
 RENAMES: tuple[tuple[str, str], ...] = ()
 
 # per-expert checkpoint tensors stacked as transformers does (loading.stacked_tensors)
-from .loading import per_expert_stacks as stacked  # noqa: E402
+from .loading import per_expert_stacks as stacked  # noqa: E402,F401 (the family's stacking recipe)

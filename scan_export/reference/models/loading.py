@@ -186,6 +186,17 @@ def stacked_tensors(checkpoint_dir, tensors: dict, combine) -> dict:
     return {**tensors, **extra}
 
 
+def _renamed(family, names) -> dict:
+    """{our name: checkpoint name} after the family's RENAMES."""
+    out = {}
+    for k in names:
+        new = k
+        for old, repl in family.RENAMES:
+            new = new.replace(old, repl)
+        out[new] = k
+    return out
+
+
 def stack_rows(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     """The eager combine for stacked_tensors: torch.stack of each row's torch.cat on axis 0."""
     return torch.stack([torch.cat(row, dim=0) for row in rows])
@@ -201,8 +212,7 @@ def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
                               f"{sorted(families)}, got {raw.get('model_type')!r}")
     model = _parse_config(checkpoint_dir, family.build)
     state = stacked_tensors(checkpoint_dir, load_hf_state_dict(checkpoint_dir), stack_rows)
-    for old, new in family.RENAMES:
-        state = {k.replace(old, new): v for k, v in state.items()}
+    state = {new: state[k] for new, k in _renamed(family, state).items()}
     _load_weights(model, state, checkpoint_dir)
     return model.to(dtype).eval()
 

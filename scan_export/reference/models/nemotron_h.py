@@ -253,4 +253,4 @@ RENAMES = (("backbone.embeddings.", "model.embed_tokens."), ("backbone.", "model
            ("model.embeddings.", "model.embed_tokens."))
 # per-expert mixer.experts.{e}.up_proj.weight / down_proj.weight are stacked into mixer.experts.up_proj / down_proj
 # (loading.stacked_tensors, before the renames)
-from .loading import per_expert_stacks as stacked  # noqa: E402
+from .loading import per_expert_stacks as stacked  # noqa: E402,F401 (the family's stacking recipe)
