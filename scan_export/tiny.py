@@ -43,7 +43,20 @@ TINY_FALCON_H1 = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_
                       mlp_multipliers=[0.5, 2.0], key_multiplier=0.7, attention_in_multiplier=1.5,
                       attention_out_multiplier=0.8, ssm_multipliers=[0.5, 1.5, 0.7, 1.3, 0.9],
                       ssm_in_multiplier=1.2, ssm_out_multiplier=0.6)
-HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE, "falcon_h1": TINY_FALCON_H1}
+# Zamba2: 3 hybrid layers over 2 shared blocks (layers 1 and 4 share block 0: the tying and the per-layer
+# adapters both matter), attention adapters (kv = heads), RoPE. Tied embeddings: transformers ties the
+# shared blocks only then (untied, every hybrid layer has its own copy; reference/models/zamba2.py).
+TINY_ZAMBA2 = dict(vocab_size=256, hidden_size=64, num_hidden_layers=5,
+                   layers_block_type=["linear_attention", "hybrid", "hybrid", "linear_attention", "hybrid"],
+                   mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=8, mamba_ngroups=1, chunk_size=16,
+                   num_attention_heads=4, intermediate_size=96, num_mem_blocks=2, use_shared_attention_adapter=True,
+                   adapter_rank=8, use_mem_rope=True, tie_word_embeddings=True)
+# Per family, (name part, factor) on the sharpened scale, first match wins. Zamba2's shared attention
+# (scores × (head_dim/2)**-0.5 over q, k plus their adapters) turns peaky at the full scale: transformers'
+# own float32 logits then sit 1.7e-4 off its float64 ones on TINY_ZAMBA2; with these, 3e-6.
+SHARPEN_FACTORS = {"zamba2": (("adapter_list", 0.3), ("q_proj", 0.5), ("k_proj", 0.5), ("gate_up_proj", 0.7))}
+HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE, "falcon_h1": TINY_FALCON_H1,
+                   "zamba2": TINY_ZAMBA2}
 
 
 def _transformers():
@@ -55,7 +68,7 @@ def _transformers():
 
 
 def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen: bool = True, **overrides) -> Path:
-    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / FalconH1 model to path and return path.
+    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / FalconH1 / Zamba2 model to path and return path.
 
     sharpen: HF's init gives near-uniform logits, so greedy decoding of a random model repeats one
     token and proves little. Larger projection weights give varied, well-separated tokens.
@@ -70,6 +83,7 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         "bamba": (tf.BambaConfig, tf.BambaForCausalLM),
         "granitemoehybrid": (tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM),
         "falcon_h1": (tf.FalconH1Config, tf.FalconH1ForCausalLM),
+        "zamba2": (tf.Zamba2Config, tf.Zamba2ForCausalLM),
     }
     if model_type not in classes:
         raise ScanExportError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
@@ -85,15 +99,18 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
     model = model_cls(config).eval()
     if sharpen:
         # Hybrids: every matrix (projections, MLPs, experts, router, embeddings), so that every
-        # layer, expert and head moves the tokens; never the norms, conv or scan parameters.
+        # layer, expert and head moves the tokens; never the norms, conv or scan parameters. Zamba2's
+        # adapters too (their down/up pairs end in .0.weight / .1.weight); a shared block's weights are
+        # one parameter in transformers, listed (and scaled) once.
         suffixes = (("in_proj.weight", "out_proj.weight", "embed_tokens.weight", "_proj.weight", "lm_head.weight",
                      "linear.weight", "router.weight", "gate_up_proj", "down_proj") if hybrid else
                     ("in_proj.weight", "x_proj.weight", "out_proj.weight", "embeddings.weight"))
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith(suffixes) and "conv1d" not in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / p.shape[-1] ** 0.5))
+                if (name.endswith(suffixes) or "adapter_list" in name) and "conv1d" not in name:
+                    factor = next((f for part, f in SHARPEN_FACTORS.get(model_type, ()) if part in name), 1.0)
+                    p.copy_(torch.randn(p.shape, generator=gen) * (factor * 1.5 / p.shape[-1] ** 0.5))
     path = Path(path)
     tf.utils.logging.disable_progress_bar()  # "Writing model shards" for a 1-shard toy is noise
     try:

@@ -128,13 +128,13 @@ def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
 
 def hybrid_families() -> dict:
     """model_type -> the family module (config_from_hf, build, RENAMES)."""
-    from . import bamba, falcon_h1, granitemoehybrid
+    from . import bamba, falcon_h1, granitemoehybrid, zamba2
 
-    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, falcon_h1)}
+    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, falcon_h1, zamba2)}
 
 
 def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
-    """Build a hybrid LM (bamba, granitemoehybrid, falcon_h1) from a local HF checkpoint, weights by name."""
+    """Build a hybrid LM (bamba, granitemoehybrid, falcon_h1, zamba2) from a local HF checkpoint, weights by name."""
     raw = read_hf_config(checkpoint_dir)
     families = hybrid_families()
     family = families.get(raw.get("model_type"))
