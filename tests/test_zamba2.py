@@ -154,8 +154,9 @@ def test_each_shared_tensor_is_stored_once(exported):
 def test_reference_matches_transformers(tmp_path, variant):
     """untied: transformers 5.24 ties Zamba2's shared blocks only with tied embeddings, so an untied
     checkpoint has (and runs) a block copy per hybrid layer; we read and run the same.
-    Also decode steps against transformers' cached decode: it skips the dt clamp there, which on
-    these fixtures moves nothing beyond rounding (dt stays above time_step_min)."""
+    Also decode steps against transformers' cached decode: it skips the dt clamp there; on these
+    fixtures ~10% of dt fall under time_step_min, but clamping them moves the logits only ~1.6e-5
+    (test_dt_clamp_as_in_transformers_chunked_path makes it bite)."""
     overrides = dict(tie_word_embeddings=False) if variant == "untied" else MODELS["gqa"]
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "zamba2", **overrides)
     ours = load_model(ckpt)
@@ -176,6 +177,32 @@ def test_reference_matches_transformers(tmp_path, variant):
     ids = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 12)))
     rel = rel_error(reference_decode_logits(ours, ids, 6), hf_decode_logits(hf, ids, 6))
     assert rel < LOGITS_RTOL, f"decode logits rel error {rel:.2e}"
+
+
+def test_dt_clamp_as_in_transformers_chunked_path(tmp_path):
+    """time_step_min raised to 0.1 in config.json (the weights keep their init, dt_bias from
+    softplus⁻¹ of 0.001-0.1): the clamp now bites hard. We match transformers' full forward (its
+    chunked path, which clamps) within the budget, and the same model without the clamp does not,
+    by far: so the clamp is there, at transformers' bound."""
+    import dataclasses
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "zamba2")
+    path = ckpt / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "time_step_min": 0.1}))
+    ours = load_model(ckpt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    ids = torch.from_numpy(np.random.default_rng(64).integers(0, 256, (2, 64)))
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=torch.ones_like(ids)).logits
+        got = ours(ids, torch.ones_like(ids), *ours.zero_state(2))[0]
+        for layer in ours.model.layers:
+            mixer = layer.mamba if hasattr(layer, "mamba") else layer.mamba_decoder.mamba
+            assert mixer.cfg.time_step_limit == (0.1, float("inf"))
+            mixer.cfg = dataclasses.replace(mixer.cfg, time_step_limit=(0.0, float("inf")))
+        unclamped = ours(ids, torch.ones_like(ids), *ours.zero_state(2))[0]
+    assert rel_error(got, ref) < LOGITS_RTOL
+    # measured 2.3e-3 (the clamped model: ~3e-6): the Mamba branches are small next to the residual
+    assert rel_error(unclamped, ref) > 10 * LOGITS_RTOL
 
 
 def test_every_branch_moves_the_tokens(tmp_path):
