@@ -17,6 +17,9 @@ q/k/v += up(down(t)) with use_shared_attention_adapter; the MLP's gate_up_proj a
 MLP: down(gelu(g) · u), [g | u] = gate_up_proj(t) + adapter(t). Mamba-2: SiLU, conv bias always,
 in/out_proj bias add_bias_linear, gated norm (gate, then norm) with eps 1e-5 whatever rms_norm_eps,
 dt clamped to (time_step_min, inf) (transformers' chunked path; its one-token decode step does not clamp).
+Read and ignored, as transformers 5.24 ignores them: use_long_context (it only sets
+max_position_embeddings), use_conv_bias, use_mem_eff_path, use_mamba_kernels; there is no switch for
+the MLP adapters (a use_shared_mlp_adapter in older config.json files is not read by transformers either).
 
 Sharing: as in transformers, hybrid layer j's `shared_transformer` IS block j % num_mem_blocks (one
 module object), so named_parameters() lists each shared tensor once, under the first hybrid layers'
