@@ -169,10 +169,11 @@ MODEL_CONFIGS = {("mamba", "tiny"): "TINY", ("mamba", "130m"): "MAMBA_130M",
                  ("bamba", "tiny"): "TINY_BAMBA", ("granitemoehybrid", "tiny"): "TINY_GRANITE",
                  ("granitemoehybrid", "130m"): "GRANITE_130M", ("granitemoehybrid", "moe-8e"): "GRANITE_MOE_8E",
                  ("granitemoehybrid", "moe-32e"): "GRANITE_MOE_32E", ("falcon_h1", "tiny"): "TINY_FALCON_H1",
-                 ("nemotron_h", "tiny"): "TINY_NEMOTRON_H", ("jamba", "tiny"): "TINY_JAMBA"}
+                 ("nemotron_h", "tiny"): "TINY_NEMOTRON_H", ("jamba", "tiny"): "TINY_JAMBA",
+                 ("zamba2", "tiny"): "TINY_ZAMBA2"}
 HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM",
             "granitemoehybrid": "GraniteMoeHybridForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
-            "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM"}
+            "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM", "zamba2": "Zamba2ForCausalLM"}
 
 
 def decode_bytes(model_path) -> int:

@@ -159,7 +159,7 @@ def _add_bench(sub):
     p.add_argument("--configs", default=None, help="with --model: comma-separated, from tiny,130m (and for granitemoehybrid moe-8e,moe-32e: "
                         "6 of its 130m layers with 8 or 32 experts, top 2; default: tiny,130m)")
     p.add_argument("--model-type", default=None, choices=["mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h",
-                                                          "falcon_h1", "jamba"],
+                                                          "falcon_h1", "jamba", "zamba2"],
                    help="with --model (default: mamba)")
     p.add_argument("--prefill-len", type=positive_int, default=None, help="with --model: prompt tokens (default: 512)")
     p.add_argument("--decode-tokens", type=positive_int, default=None,
@@ -411,7 +411,7 @@ def cmd_verify(args):
 def _add_demo(sub):
     p = sub.add_parser("demo", help="tiny Mamba: checkpoint -> export -> onnxruntime generate -> verify")
     p.add_argument("--model-type", default="mamba", choices=["mamba", "falcon_mamba", "mamba2", "bamba", "granitemoehybrid",
-                                                          "nemotron_h", "falcon_h1", "jamba"],
+                                                          "nemotron_h", "falcon_h1", "jamba", "zamba2"],
                    help="which family")
     p.add_argument("--workdir", default=None,
                    help="keep the checkpoint and export here: a new or empty directory, or an earlier demo's "

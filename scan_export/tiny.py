@@ -57,8 +57,21 @@ TINY_JAMBA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidd
                   num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                   expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8,
                   mamba_d_conv=4, mamba_expand=2, tie_word_embeddings=False)
+# Zamba2: 3 hybrid layers over 2 shared blocks (layers 1 and 4 share block 0: the tying and the per-layer
+# adapters both matter), attention adapters (kv = heads), RoPE. Tied embeddings: transformers ties the
+# shared blocks only then (untied, every hybrid layer has its own copy; reference/models/zamba2.py).
+TINY_ZAMBA2 = dict(vocab_size=256, hidden_size=64, num_hidden_layers=5,
+                   layers_block_type=["linear_attention", "hybrid", "hybrid", "linear_attention", "hybrid"],
+                   mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=8, mamba_ngroups=1, chunk_size=16,
+                   num_attention_heads=4, intermediate_size=96, num_mem_blocks=2, use_shared_attention_adapter=True,
+                   adapter_rank=8, use_mem_rope=True, tie_word_embeddings=True)
+# Per family, (name part, factor) on the sharpened scale, first match wins. Zamba2's shared attention
+# (scores × (head_dim/2)**-0.5 over q, k plus their adapters) turns peaky at the full scale: transformers'
+# own float32 logits then sit 1.7e-4 off its float64 ones on TINY_ZAMBA2; with these, 3e-6.
+SHARPEN_FACTORS = {"zamba2": (("adapter_list", 0.3), ("q_proj", 0.5), ("k_proj", 0.5), ("gate_up_proj", 0.7))}
 HYBRID_DEFAULTS = {"bamba": TINY_BAMBA, "granitemoehybrid": TINY_GRANITE, "nemotron_h": TINY_NEMOTRON_H,
-                   "falcon_h1": TINY_FALCON_H1, "jamba": TINY_JAMBA}
+                   "falcon_h1": TINY_FALCON_H1, "jamba": TINY_JAMBA,
+                   "zamba2": TINY_ZAMBA2}
 # Extra gain on top of sharpen's, by parameter suffix: a Mamba-1 mixer's output (D·u gated by silu(z))
 # is a few times weaker than an MLP's at the same init, and a late Mamba layer would barely move the tokens.
 SHARPEN_GAINS = {"jamba": {"mamba.out_proj.weight": 3.0}}
@@ -73,7 +86,7 @@ def _transformers():
 
 
 def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen: bool = True, **overrides) -> Path:
-    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / NemotronH / FalconH1 / Jamba model to path and return path.
+    """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / NemotronH / FalconH1 / Jamba / Zamba2 model to path and return path.
 
     sharpen: HF's init gives near-uniform logits, so greedy decoding of a random model repeats one
     token and proves little. Larger projection weights give varied, well-separated tokens.
@@ -90,6 +103,7 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         "falcon_h1": (tf.FalconH1Config, tf.FalconH1ForCausalLM),
         "nemotron_h": (tf.NemotronHConfig, tf.NemotronHForCausalLM),
         "jamba": (tf.JambaConfig, tf.JambaForCausalLM),
+        "zamba2": (tf.Zamba2Config, tf.Zamba2ForCausalLM),
     }
     if model_type not in classes:
         raise ScanExportError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
@@ -105,7 +119,9 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
     model = model_cls(config).eval()
     if sharpen:
         # Hybrids: every matrix (projections, MLPs, experts, router, embeddings), so that every
-        # layer, expert and head moves the tokens; never the norms, conv or scan parameters.
+        # layer, expert and head moves the tokens; never the norms, conv or scan parameters. Zamba2's
+        # adapters too (their down/up pairs end in .0.weight / .1.weight); a shared block's weights are
+        # one parameter in transformers, listed (and scaled) once.
         suffixes = (("in_proj.weight", "out_proj.weight", "embed_tokens.weight", "_proj.weight", "lm_head.weight",
                      "linear.weight", "router.weight", "gate_up_proj", "down_proj") if hybrid else
                     ("in_proj.weight", "x_proj.weight", "out_proj.weight", "embeddings.weight"))
@@ -115,8 +131,9 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
         gains = SHARPEN_GAINS.get(model_type, {})
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith(suffixes) and "conv1d" not in name:
+                if (name.endswith(suffixes) or "adapter_list" in name) and "conv1d" not in name:
                     gain = next((g for k, g in gains.items() if name.endswith(k)), 1.0)
+                    gain *= next((f for part, f in SHARPEN_FACTORS.get(model_type, ()) if part in name), 1.0)
                     p.copy_(torch.randn(p.shape, generator=gen) * (gain * 1.5 / p.shape[-1] ** 0.5))
             for name, b in model.named_buffers():
                 # Nemotron-H's router bias starts at zero; nonzero, it changes which experts are chosen

@@ -141,7 +141,8 @@ class VerifyReport:
 
 HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
               "bamba": "BambaForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
-              "falcon_h1": "FalconH1ForCausalLM", "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM"}
+              "falcon_h1": "FalconH1ForCausalLM", "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM",
+              "zamba2": "Zamba2ForCausalLM"}
 MOE_MODEL_TYPES = ("granitemoehybrid", "jamba", "nemotron_h")
 
 
@@ -185,7 +186,7 @@ def _load_hf(checkpoint_dir, model_type: str, dtype):
 def _hf_states(cache, description: dict) -> list[np.ndarray]:
     """transformers' cache in our state order and layout, float64: per Mamba layer conv, ssm; per
     attention layer key, value (b, kv_heads, T, head_dim), the same layout as ours; a layer running
-    both in parallel ("mamba2+attention", Falcon-H1) holds all four under one index, in that order."""
+    both ("mamba2+attention": Falcon-H1, Zamba2's hybrid layers) holds all four under one index, in that order."""
     out = []
     for entry in description["state"]:
         layer, kind = entry["layer"], entry["kind"]

@@ -221,7 +221,7 @@ def test_bad_checkpoints_give_clear_errors_and_no_partial_output(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"field 'model_type': expected one of \['mamba', 'falcon_mamba', 'mamba2', 'bamba', 'granitemoehybrid', 'nemotron_h', 'falcon_h1', 'jamba'\], got 'llama'"):
+    with pytest.raises(ValueError, match=r"field 'model_type': expected one of \['mamba', 'falcon_mamba', 'mamba2', 'bamba', 'granitemoehybrid', 'nemotron_h', 'falcon_h1', 'jamba', 'zamba2'\], got 'llama'"):
         export_model(bad, out)
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
     for f in ckpt.glob("*.safetensors"):

@@ -2,7 +2,7 @@
 
 One file per piece: config.py (configs read from config.json), norms.py, mamba_mixers.py (Mamba-1,
 Mamba-2), attention.py (GQA + RoPE + KV cache), mlp.py, moe.py, hybrid.py (the hybrid stack),
-one file per family (mamba.py, bamba.py, granitemoehybrid.py, nemotron_h.py, falcon_h1.py, jamba.py) and loading.py (checkpoints).
+one file per family (mamba.py, bamba.py, granitemoehybrid.py, nemotron_h.py, falcon_h1.py, jamba.py, zamba2.py) and loading.py (checkpoints).
 """
 
 from .config import (ATTENTION, FFN, MAMBA, MAMBA1, PARALLEL, SUPPORTED_MODEL_TYPES, AttentionDims, HybridConfig, Mamba2Dims,
@@ -14,7 +14,7 @@ from .mamba import Backbone, MambaBlock, MambaLM
 from .mamba_mixers import Mamba2Mixer, MambaMixer
 from .norms import GatedRMSNorm, RMSNorm, _rms_normalize, weightless_rms
 
-HYBRID_MODEL_TYPES = ("bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba")
+HYBRID_MODEL_TYPES = ("bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "zamba2")
 
 __all__ = ["ATTENTION", "FFN", "MAMBA", "MAMBA1", "PARALLEL", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
            "Mamba2Dims", "MambaLMConfig", "RopeSpec", "_json_float", "HybridLM", "all_model_types", "hybrid_families",

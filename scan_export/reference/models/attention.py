@@ -83,13 +83,18 @@ class Attention(nn.Module):
     def forward(self, x, past_key, past_value, allowed, rope):
         """x: (b, l, hidden), past_key/value: (b, g, p, d), allowed: (b, 1, 1, l, T) bool,
         rope: (cos, sin) or None -> (y: (b, l, hidden), key, value: (b, g, T, d))"""
+        return self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), past_key, past_value, allowed, rope)
+
+    def attend(self, q, k, v, past_key, past_value, allowed, rope):
+        """The projections q: (b, l, h·d), k, v: (b, l, g·d) -> (y, key, value) as forward returns them
+        (a family that adds to the projections, Zamba2's adapters, calls this directly)."""
         dims = self.dims
-        b, l, _ = x.shape
+        b, l, _ = q.shape
         g, d = dims.num_kv_heads, dims.head_dim
         r = dims.num_heads // g
-        q = self.q_proj(x).view(b, l, dims.num_heads, d).transpose(1, 2)  # (b, h, l, d)
-        k = self.k_proj(x).view(b, l, g, d).transpose(1, 2)  # (b, g, l, d)
-        v = self.v_proj(x).view(b, l, g, d).transpose(1, 2)
+        q = q.view(b, l, dims.num_heads, d).transpose(1, 2)  # (b, h, l, d)
+        k = k.view(b, l, g, d).transpose(1, 2)  # (b, g, l, d)
+        v = v.view(b, l, g, d).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         key = torch.cat([past_key, k], dim=2)  # (b, g, T, d)

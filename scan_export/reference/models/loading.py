@@ -130,9 +130,9 @@ def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
 def hybrid_families() -> dict:
     """model_type -> the family module (config_from_hf, build, RENAMES; `stacked` if its checkpoints
     may store each expert's matrices apart: per_expert_stacks)."""
-    from . import bamba, falcon_h1, granitemoehybrid, jamba, nemotron_h
+    from . import bamba, falcon_h1, granitemoehybrid, jamba, nemotron_h, zamba2
 
-    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, nemotron_h, falcon_h1, jamba)}
+    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, nemotron_h, falcon_h1, jamba, zamba2)}
 
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
