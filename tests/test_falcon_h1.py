@@ -27,7 +27,8 @@ from scan_export import tiny  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
-from .test_hybrid_models import LOGITS_RTOL, PROMPTS, hf_greedy  # noqa: E402
+from .hybrid_checks import (LOGITS_RTOL, PROMPTS, assert_logits_match,  # noqa: E402
+                            assert_prefill_then_decode_equals_one_prefill, assert_ragged_equals_singles, hf_greedy)
 
 MODELS = {
     # Tied embeddings × 5 (the tiny default) make this random model echo its input; × 2 does not.
@@ -49,12 +50,7 @@ def exported(request, tmp_path_factory):
 @pytest.mark.parametrize("seqlen", [1, 7, 64, 100])
 def test_logits_match_transformers(exported, seqlen):
     _, _, hf, model = exported
-    ids = np.random.default_rng(seqlen).integers(0, model.vocab_size, (2, seqlen))
-    logits, _ = model.forward(ids, model.zero_state(2))
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(ids), attention_mask=torch.ones(2, seqlen, dtype=torch.long)).logits.numpy()
-    rel = np.abs(logits - ref).max() / np.abs(ref).max()
-    assert rel < LOGITS_RTOL, f"logits rel error {rel:.2e} at seqlen {seqlen}"
+    assert_logits_match(hf, model, seqlen)
 
 
 def test_greedy_tokens_match_transformers_generate(exported):
@@ -71,22 +67,12 @@ def test_greedy_tokens_match_transformers_generate(exported):
 
 def test_ragged_batch_equals_single_prompts(exported):
     _, _, _, model = exported
-    batched = generate(model, PROMPTS, 32)
-    singles = [generate(model, [p], 32)[0] for p in PROMPTS]
-    assert batched == singles
+    assert_ragged_equals_singles(model)
 
 
 def test_prefill_then_decode_equals_one_long_prefill(exported):
     _, _, _, model = exported
-    ids = np.random.default_rng(1).integers(0, model.vocab_size, (2, 40))
-    full, _ = model.forward(ids, model.zero_state(2))
-    _, state = model.forward(ids[:, :30], model.zero_state(2))
-    steps = []
-    for t in range(30, 40):
-        logits, state = model.forward(ids[:, t:t + 1], state)
-        steps.append(logits[:, 0])
-    # The same recurrence split differently (chunked scan vs single steps): rounding only.
-    np.testing.assert_allclose(np.stack(steps, 1), full[:, 30:], rtol=0, atol=1e-4 * np.abs(full).max())
+    assert_prefill_then_decode_equals_one_prefill(model)
 
 
 def test_verify_passes(exported):

@@ -31,7 +31,7 @@ from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
 from .test_falcon_h1 import hf_decode_logits, reference_decode_logits, rel_error  # noqa: E402
-from .test_hybrid_models import LOGITS_RTOL, PROMPTS, hf_greedy  # noqa: E402
+from .hybrid_checks import LOGITS_RTOL, PROMPTS, assert_logits_match, assert_ragged_equals_singles, hf_greedy  # noqa: E402
 
 MODELS = {
     "moe": dict(expert_layer_period=3, expert_layer_offset=0),
@@ -53,12 +53,7 @@ def exported(request, tmp_path_factory):
 @pytest.mark.parametrize("seqlen", [1, 7, 64, 100])
 def test_logits_match_transformers(exported, seqlen):
     *_, hf, model = exported
-    ids = np.random.default_rng(seqlen).integers(0, model.vocab_size, (2, seqlen))
-    logits, _ = model.forward(ids, model.zero_state(2))
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(ids), attention_mask=torch.ones(2, seqlen, dtype=torch.long)).logits.numpy()
-    rel = np.abs(logits - ref).max() / np.abs(ref).max()
-    assert rel < LOGITS_RTOL, f"logits rel error {rel:.2e} at seqlen {seqlen}"
+    assert_logits_match(hf, model, seqlen)
 
 
 def test_greedy_tokens_match_transformers_generate(exported):
@@ -76,9 +71,7 @@ def test_greedy_tokens_match_transformers_generate(exported):
 
 def test_ragged_batch_equals_single_prompts(exported):
     *_, model = exported
-    batched = generate(model, PROMPTS, 32)
-    singles = [generate(model, [p], 32)[0] for p in PROMPTS]
-    assert batched == singles
+    assert_ragged_equals_singles(model)
 
 
 def test_prefill_then_decode_equals_one_long_prefill(exported):

@@ -26,7 +26,7 @@ from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
-from .test_hybrid_models import PROMPTS  # noqa: E402
+from .hybrid_checks import PROMPTS, assert_logits_match  # noqa: E402
 
 MODELS = {
     "moe": {},  # tiny.TINY_NEMOTRON_H
@@ -35,7 +35,6 @@ MODELS = {
 }
 # fp32 export vs transformers fp32: same algebra, other kernels and summation orders; measured
 # ≤ 1.4e-6 on these models. 1e-4 is the budget.
-LOGITS_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -50,12 +49,7 @@ def exported(request, tmp_path_factory):
 @pytest.mark.parametrize("seqlen", [1, 7, 64, 100])
 def test_logits_match_transformers(exported, seqlen):
     _, _, hf, model = exported
-    ids = np.random.default_rng(seqlen).integers(0, model.vocab_size, (2, seqlen))
-    logits, _ = model.forward(ids, model.zero_state(2))
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(ids), attention_mask=torch.ones(2, seqlen, dtype=torch.long)).logits.numpy()
-    rel = np.abs(logits - ref).max() / np.abs(ref).max()
-    assert rel < LOGITS_RTOL, f"logits rel error {rel:.2e} at seqlen {seqlen}"
+    assert_logits_match(hf, model, seqlen)
 
 
 def full_forward_choices(hf, prompt, tokens):
