@@ -85,11 +85,14 @@ def _transformers():
     return transformers
 
 
-def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen: bool = True, **overrides) -> Path:
+def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen: bool = True, defaults: bool = True,
+                         **overrides) -> Path:
     """Save a random Mamba / FalconMamba / Mamba2 / Bamba / GraniteMoeHybrid / NemotronH / FalconH1 / Jamba / Zamba2 model to path and return path.
 
     sharpen: HF's init gives near-uniform logits, so greedy decoding of a random model repeats one
     token and proves little. Larger projection weights give varied, well-separated tokens.
+    defaults: start from this module's tiny config for the type; False gives transformers' own
+    defaults plus overrides alone (a config copied from elsewhere, such as transformers' testers).
     """
     import torch
 
@@ -110,7 +113,7 @@ def make_tiny_checkpoint(path, model_type: str = "mamba", seed: int = 0, sharpen
     config_cls, model_cls = classes[model_type]
     torch.manual_seed(seed)
     hybrid = model_type in HYBRID_DEFAULTS
-    params = {**(HYBRID_DEFAULTS[model_type] if hybrid else TINY), **overrides}
+    params = {**((HYBRID_DEFAULTS[model_type] if hybrid else TINY) if defaults else {}), **overrides}
     if model_type == "mamba2":  # hidden_size · expand == num_heads · head_dim
         params = {"num_heads": 8, "head_dim": 16, "n_groups": 1, "chunk_size": 16, **params}
     if not hybrid:

@@ -3,9 +3,11 @@ Mamba-2 ("linear_attention"), attention ("full_attention"), a ReLU² MLP ("mlp")
 Each layer is x + mixer(norm(x)); MLP and MoE layers carry no cache (kind FFN).
 
 Mamba-2: I = mamba_num_heads · mamba_head_dim, gate-then-norm over groups of I // n_groups, eps
-layer_norm_epsilon, dt clamped to (time_step_min, inf) (time_step_limit is not read). transformers
-clamps only on its chunked path, not in its one-token decode step; we clamp everywhere, as its full
-forward does (one graph for prefill and decode).
+layer_norm_epsilon, dt clamped to the checkpoint's time_step_limit (default (0, inf): no clamp), as
+NVIDIA's own Nemotron-H code and mamba_ssm's Mamba2 (dt_limit) define it, and as transformers >= 5.25
+does. transformers <= 5.24 clamped to (time_step_min, inf) instead, an init-time bound that no
+released checkpoint trains with (see docs/versions.md). transformers clamps only on its chunked
+path, not in its one-token decode step; we clamp everywhere, as its full forward does.
 Attention: no position embedding at all (NoPE), GQA, head_dim from the config, scaling head_dim**-0.5,
 no biases (attention_bias is ignored, as transformers ignores it).
 MoE (DeepSeek-V3's router): sigmoid scores in float32; e_score_correction_bias is added for choosing
@@ -95,8 +97,10 @@ def config_from_hf(raw: dict) -> NemotronHConfig:
         hidden_size=hidden, intermediate_size=heads * head_dim, state_size=raw.get("ssm_state_size", 128),
         conv_kernel=raw.get("conv_kernel", raw.get("mamba_d_conv", 4)), num_heads=heads, head_dim=head_dim,
         n_groups=groups, chunk_size=raw.get("chunk_size", raw.get("mamba_chunk_size", 128)),
-        # transformers' mixer: self.time_step_limit = (config.time_step_min, float("inf"))
-        time_step_limit=(json_float(raw.get("time_step_min", raw.get("mamba_dt_min", 0.001))), float("inf")),
+        # NVIDIA's mixer and transformers >= 5.25: self.time_step_limit = config.time_step_limit
+        # (mamba_dt_limit is the config's legacy spelling)
+        time_step_limit=tuple(json_float(v) for v in (raw.get("time_step_limit") or raw.get("mamba_dt_limit")
+                                                      or (0.0, "inf"))),
         use_bias=bool(raw.get("use_bias", False)),
         use_conv_bias=bool(raw.get("use_conv_bias", raw.get("mamba_conv_bias", True))), layer_norm_epsilon=eps)
     q_heads = raw.get("num_attention_heads", 32)
