@@ -4,9 +4,13 @@ genai's generic decoder runs our graph through its recurrent-state support: it f
 by matching graph input names against `past_recurrent_names`, binds the conv and recurrent state of
 each layer by the four name templates, and allocates each state from the declared input shape with
 only the batch dim dynamic (every other state dim is a number in our graphs). It feeds input_ids
-and, of the rest, only inputs it knows (num_logits_to_keep, attention_mask, position_ids, none of
-which our graph has), so the genai target gives logits_to_keep a default of 0: all positions, the
-(batch, seqlen, vocab) logits genai binds before each run.
+and, of the rest, only inputs it knows (num_logits_to_keep, attention_mask, position_ids; only the
+hybrids' attention_mask is ours), so the genai target gives logits_to_keep a default of 0: all
+positions, the (batch, seqlen, vocab) logits genai binds before each run.
+
+Hybrids: genai finds attention layers by the KV name templates and recurrent layers by the state
+templates, layer by layer, so layers of either kind (or both, as Falcon-H1's) at any indices bind;
+it grows the KV caches itself (past_present_share_buffer false: present is past + this call).
 """
 
 from __future__ import annotations
@@ -33,6 +37,30 @@ def _read_json(path: Path) -> dict:
         raise ScanExportError(f"{path} is not valid JSON: {e}") from None
 
 
+# Our graphs' state names (contract: scan_export.json's state entries), as genai's %d templates.
+RECURRENT_NAMES = {"conv_state": ("past_conv_names", "present_conv_names", "past.%d.conv_state", "present.%d.conv_state"),
+                   "ssm_state": ("past_recurrent_names", "present_recurrent_names", "past.%d.ssm_state",
+                                 "present.%d.ssm_state")}
+KV_NAMES = {"key": ("past_key_names", "present_key_names", "past_key_values.%d.key", "present.%d.key"),
+            "value": ("past_value_names", "present_value_names", "past_key_values.%d.value", "present.%d.value")}
+
+
+def _io_names(description: dict) -> tuple[dict, dict]:
+    """genai's decoder inputs/outputs for the state tensors the description lists, each name checked
+    against its template: genai binds by template, so a name that does not fit would be left unfed."""
+    inputs, outputs = {}, {}
+    for entry in description.get("state", []):
+        for tensor, (past_key, present_key, past, present) in {**RECURRENT_NAMES, **KV_NAMES}.items():
+            if tensor not in entry:
+                continue
+            names = entry[tensor]["input"], entry[tensor]["output"]
+            if names != (past % entry["layer"], present % entry["layer"]):
+                raise ScanExportError(f"state of layer {entry['layer']}: expected {past % entry['layer']!r} -> "
+                                      f"{present % entry['layer']!r} for onnxruntime-genai, got {names[0]!r} -> {names[1]!r}")
+            inputs[past_key], outputs[present_key] = past, present
+    return inputs, outputs
+
+
 def genai_config(description: dict, model_file: str, checkpoint_dir) -> dict:
     """The genai_config.json for an export described by `description` (scan_export.json).
 
@@ -53,6 +81,7 @@ def genai_config(description: dict, model_file: str, checkpoint_dir) -> dict:
     pad = pad[0] if isinstance(pad, list) else pad
     bos = token("bos_token_id")
     bos = bos[0] if isinstance(bos, list) else bos
+    state_inputs, state_outputs = _io_names(description)
     model = {
         "type": "decoder",
         "context_length": CONTEXT_LENGTH,
@@ -64,12 +93,16 @@ def genai_config(description: dict, model_file: str, checkpoint_dir) -> dict:
             "num_hidden_layers": description["num_layers"],
             "hidden_size": description["hidden_size"],
             "session_options": {"provider_options": []},
-            "inputs": {"input_ids": "input_ids", "past_conv_names": "past.%d.conv_state",
-                       "past_recurrent_names": "past.%d.ssm_state"},
-            "outputs": {"logits": "logits", "present_conv_names": "present.%d.conv_state",
-                        "present_recurrent_names": "present.%d.ssm_state"},
+            "inputs": {"input_ids": "input_ids", **state_inputs},
+            "outputs": {"logits": "logits", **state_outputs},
         },
     }
+    if any(i["name"] == "attention_mask" for i in description.get("inputs", [])):
+        model["decoder"]["inputs"]["attention_mask"] = "attention_mask"
+    if "past_key_names" in state_inputs:
+        attention = description["attention"]
+        model["decoder"].update(num_attention_heads=attention["num_heads"], num_key_value_heads=attention["num_kv_heads"],
+                                head_size=attention["head_dim"])
     if eos:
         model["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     if bos is not None:

@@ -226,9 +226,6 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     lowering = lowering or "portable"
     scan_form = scan_form or DEFAULT_SCAN_FORM
     tgt = resolve_target(target, opset, lowering=lowering)
-    if hybrid and tgt.genai:
-        raise ScanExportError(f"target 'genai' supports mamba, falcon_mamba and mamba2 exports; checkpoint "
-                              f"{str(checkpoint_dir)!r} is {model_type!r} (use the default target)")
     check_target_quantize(tgt, quantize)
     plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"})
     progress = progress or silent
