@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..custom_ops import causal_conv, mamba_chunk_scan_combined, selective_scan_fn
+from .activations import ACTIVATIONS
 from .norms import GatedRMSNorm, weightless_rms
 
 
@@ -47,7 +48,7 @@ class MambaMixer(nn.Module):
         cfg = self.cfg
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d) each
         u, conv_state = causal_conv(u, conv_state, self.conv1d.weight, self.conv1d.bias)
-        u = F.silu(u)
+        u = ACTIVATIONS[cfg.hidden_act](u)  # the gate z stays silu (inside selective_scan_fn), as in transformers
         dt, B, C = self.dt_b_c_norms(*self.x_proj(u).split([cfg.time_step_rank, cfg.state_size, cfg.state_size],
                                                              dim=-1))
         dt = F.linear(dt, self.dt_proj.weight)  # (b, l, d); the bias goes in as delta_bias
@@ -82,7 +83,7 @@ class Mamba2Mixer(nn.Module):
         gn = cfg.n_groups * cfg.state_size
         gate, xBC, dt = self.in_proj(x).split([cfg.intermediate_size, cfg.conv_dim, cfg.num_heads], dim=-1)
         xBC, conv_state = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
-        xs, B, C = F.silu(xBC).split([cfg.intermediate_size, gn, gn], dim=-1)
+        xs, B, C = ACTIVATIONS[cfg.hidden_act](xBC).split([cfg.intermediate_size, gn, gn], dim=-1)
         y, ssm_state = mamba_chunk_scan_combined(
             xs.reshape(b, l, cfg.num_heads, cfg.head_dim), dt, -torch.exp(self.A_log.float()),
             B.reshape(b, l, cfg.n_groups, cfg.state_size), C.reshape(b, l, cfg.n_groups, cfg.state_size),
