@@ -11,6 +11,7 @@ Positions come from the mask: cumsum(mask) − 1, so a left-padded row counts on
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch import nn
 
 from .config import AttentionDims, RopeSpec
@@ -38,14 +39,19 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, spec: RopeSpec):
         super().__init__()
         self.spec = spec
+        # transformers' inv_freq, computed here by torch itself on real tensors (even while the
+        # memory-lean export builds the model under fake tensors, onnx/weights.py), kept as Python
+        # floats and put in the graph as a constant. Computing it in forward instead let the
+        # exporter's constant folding recompute theta ** x with another pow: 2 ulps off at some
+        # frequencies, which moved Falcon-H1's keys by 3.4e-6 relative at position 99 (on AMD EPYC).
+        with unset_fake_temporarily():
+            dim = spec.rotary_dim
+            inv_freq = 1.0 / (spec.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            self._inv_freq = tuple((inv_freq / spec.factor).tolist())
 
     def inv_freq(self) -> torch.Tensor:
-        """transformers' inv_freq, computed where it is used rather than kept as a buffer: the
-        memory-lean export builds the model under fake tensors (onnx/weights.py), where a buffer
-        made in __init__ would have no values. In the graph it is a constant the optimizer folds."""
-        dim = self.spec.rotary_dim
-        inv_freq = 1.0 / (self.spec.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return inv_freq / self.spec.factor
+        """(rotary_dim / 2,) float32, bit-identical to transformers' buffer."""
+        return torch.tensor(self._inv_freq, dtype=torch.float32)
 
     def forward(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (b, l) -> cos, sin: (b, 1, l, rotary_dim) in dtype."""
