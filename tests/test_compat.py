@@ -168,7 +168,7 @@ class Upstream(nn.Module):
     def forward(self, x):
         h, residual = self.fast(x)
         h2, residual2 = self.mamba2(h, residual)
-        return h, self.ref(self.fast.norm(x)), self.vim(x), h2, residual2
+        return h, self.vim(x), h2, residual2
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +182,8 @@ def upstream():
 def test_upstream_blocks_export_plainly_and_match_eager_and_float64(upstream):
     module, model = upstream
     hist = op_histogram(model)
-    # mamba_inner_fn 1, reference path 1, Vim 2, Mamba2's SSD 1: one Scan per scan call, nothing unrolled.
-    assert hist["Scan"] == 5 and hist["Loop"] == 0
+    # mamba_inner_fn 1, Vim 2, Mamba2's SSD 1: one Scan per scan call, nothing unrolled.
+    assert hist["Scan"] == 4 and hist["Loop"] == 0
     oracle = copy.deepcopy(module).double()  # our drop-ins in float64 (checked against the oracles below)
     session = make_session(model.SerializeToString(), "cpu")
     for b, l in ((1, 1), (3, 17), (2, 70)):  # none is the example's (2, 24)
@@ -195,8 +195,10 @@ def test_upstream_blocks_export_plainly_and_match_eager_and_float64(upstream):
             ref = oracle(x.double())
         for k, (o, e, r) in enumerate(zip(got, eager, ref)):
             assert rel_err(o, e) < RTOL and rel_err(o, r) < RTOL, (b, l, k)
-        # the fused path and the reference path are the same block: equal to rounding
-        assert rel_err(eager[1], eager[0]) < RTOL, (b, l)
+        # mamba's reference path (causal_conv1d_fn + selective_scan_fn) is the fused path's block: equal
+        # to rounding (eager only: the same ops the graph already covers)
+        with torch.no_grad():
+            assert rel_err(module.ref(module.fast.norm(x)), eager[0]) < RTOL, (b, l)
 
 
 def test_vim_v2_keeps_both_directions():
