@@ -67,7 +67,8 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states):
         seqlen = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2d, l)
+        # upstream's in_proj without a transpose: "d (b l) -> b d l"
+        xz = (self.in_proj.weight @ hidden_states.flatten(0, 1).t()).unflatten(1, (-1, seqlen)).transpose(0, 1)
         A = -torch.exp(self.A_log.float())
         if self.use_fast_path:
             return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
@@ -279,6 +280,14 @@ def test_inner_fns_against_their_composition():
     y_b = _mamba_ref_scan(xc.flip(-1), delta.flip(-1), A_b, B.flip(-1), C.flip(-1), D, z.flip(-1), db).flip(-1)
     got = bimamba_inner_fn(xz, cw, cb, xw, dw, ow, ob, A, A_b, None, None, D, delta_bias=db)
     assert rel_err(got, F.linear((y + y_b).transpose(1, 2), ow, ob)) < RTOL64
+    # Jamba's inner RMSNorms on B, C (over n) and Δ (over d), before the scan
+    bw, cw_, dtw = _f64(n), _f64(n), _f64(d)
+    rms = lambda t, w_: t / torch.sqrt(t.square().mean(-1, keepdim=True) + 1e-6) * w_  # noqa: E731
+    y_rms = _mamba_ref_scan(xc, rms(delta.transpose(1, 2), dtw).transpose(1, 2), A, rms(B.transpose(1, 2), bw).transpose(1, 2),
+                            rms(C.transpose(1, 2), cw_).transpose(1, 2), D, z, db)
+    got = mamba_inner_fn(xz, cw, cb, xw, dw, ow, ob, A, None, None, D, delta_bias=db, b_rms_weight=bw,
+                         c_rms_weight=cw_, dt_rms_weight=dtw)
+    assert rel_err(got, F.linear(y_rms.transpose(1, 2), ow, ob)) < RTOL64
     # selective_scan_cuda.fwd: out before the gate, out_z after it, the last state at x[:, :, -1, 1::2]
     out, xs, out_z = selective_scan_cuda.fwd(xc, delta, A, B, C, D, z, db, True)
     ref_out, ref_state = oracle_scan(xc, delta, A, B, C, D, None, db, True, return_last_state=True)
