@@ -391,3 +391,30 @@ def test_plain_export_static_then_dynamic_in_one_process_at_d_state_1():
             ref = oracle_scan(u, delta, module.A.double(), B, C, module.D.double(), None, None, True)
         got = run(dynamic, args)
         assert rel_err(got, eager) < RTOL and rel_err(got, ref) < RTOL, (b, l)
+
+
+# ------------------------------------------------------------------------------------------------
+# The eager fast path the drop-in now runs (benchmarks/eager_scan.py times it)
+
+
+@pytest.mark.parametrize("layout", ["fixed", "bnl", "g1", "g2", "fixed_B", "fixed_C"])
+def test_eager_sequential_scan_equals_the_oracle(layout, monkeypatch):
+    """Every B/C layout, an initial state, and blocks of 3 steps (so block edges fall inside the
+    sequence): equal to selective_scan_ref in float64 to summation order."""
+    from scan_export.reference import selective_scan as ss
+
+    monkeypatch.setattr(ss, "BLOCK_ELEMENTS", 3 * 2 * 8 * 3)  # 3 steps per block at b=2, d=8, n=3
+    b, d, l, n = 2, 8, 13, 3
+    mk = {"fixed": lambda: _f64(d, n), "bnl": lambda: _f64(b, n, l), "g1": lambda: _f64(b, 1, n, l),
+          "g2": lambda: _f64(b, 2, n, l)}
+    B_kind, C_kind = {"fixed": ("fixed", "fixed"), "bnl": ("bnl", "bnl"), "g1": ("g1", "g1"), "g2": ("g2", "g2"),
+                      "fixed_B": ("fixed", "g2"), "fixed_C": ("bnl", "fixed")}[layout]
+    B, C = mk[B_kind](), mk[C_kind]()
+    u, delta, z, h0 = _f64(b, d, l), _f64(b, d, l), _f64(b, d, l), _f64(b, d, n)
+    A, D, bias = -torch.rand(d, n, dtype=torch.float64), _f64(d), _f64(d)
+    h0_before = h0.clone()
+    with torch.no_grad():  # the drop-in's no-grad eager path is the sequential scan
+        out, last = selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True, h0)
+    ref, ref_last = oracle_scan(u, delta, A, B, C, D, z, bias, True, True, h0)
+    assert rel_err(out, ref) < RTOL64 and rel_err(last, ref_last) < RTOL64
+    assert torch.equal(h0, h0_before)  # the scan writes its own buffers, never the caller's state
