@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan: the sequential oracle, the chunked scan we export, and the decode step.
+"""Mamba-1 selective scan: the sequential oracle, the chunked scan (differentiable; what the custom
+op's backward recomputes), the sequential eager fast path, and the decode step.
 
 Glossary (mamba_ssm / paper naming):
   b: batch   d: channels (d_inner)   l: seqlen   n: dstate (N)   g: groups of B/C   hd = d // g
