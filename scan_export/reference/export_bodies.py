@@ -18,24 +18,54 @@ import math
 import torch
 import torch.nn.functional as F
 
-# The scan HOP is torch's loop primitive for torch.export (a prototype API, not yet re-exported
-# as torch.scan); tests/test_plain_export.py fails loudly if a torch upgrade moves it.
-from torch._higher_order_ops import scan as _scan
+# torch's scan higher-order op, the loop primitive of torch.export (a prototype API, not yet
+# re-exported as torch.scan); tests/test_plain_export.py fails loudly if a torch upgrade moves it.
+# We call the operator itself, not its wrapper `torch._higher_order_ops.scan`: see _detached_scan.
+from torch._higher_order_ops.scan import scan_op as _scan_op
 
 from .ssd import reverse_exclusive_cumsum
 from .validate import compute_dtype
 from ..errors import ScanExportError
 
 
-def _detached_scan(step, init, xs):
-    """torch's scan, fed contiguous detached tensors (closures are detached by the caller).
+def _detached_scan(step, init, xs, consts=()):
+    """torch's scan HOP: step(h, xs_t, consts) -> (new h, y_t), over dim 0 of every xs -> (h, ys).
 
-    Both work around torch 2.13 with dynamic sizes: views with symbolic strides fail scan's body
-    compilation ("vr must not be None for symbol s27"), and tensors that require grad (any
-    parameter's descendant) take scan's autograd path, which hands the fake kernel a SymInt as a
-    step output ("'SymInt' object has no attribute 'unsqueeze'"). An export is inference anyway;
-    in the ONNX graph both are no-ops."""
-    return _scan(step, init.detach().contiguous(), [x.detach().contiguous() for x in xs])
+    The operator, called directly, is traced by the export's own make_fx tracer with the tensors
+    as they are. The wrapper `scan()` instead runs it under torch.compile, whose cache entry for
+    the wrapper's one code object outlives the export: a later export in the same process found
+    it, checked its guards (the first export's sizes) against its own symbolic sizes, and so
+    specialized them ("tracing inferred a static shape of 40 for dimension inputs['u'].shape[2]",
+    cured only by torch._dynamo.reset()); and that compile re-traced every size-1 axis as a
+    symbol (the exporter sets backed_size_oblivious), which broke d_state = 1 and static exports.
+
+    step's tensors come in explicitly (consts, as the operator's additional inputs), never as
+    closures: a subgraph traced by make_fx does not lift a captured outer tensor. Everything is fed
+    contiguous and detached: views with symbolic strides fail the body's tracing ("vr must not be
+    None for symbol s27"), and tensors that require grad (any parameter's descendant) take scan's
+    autograd path, which hands the fake kernel a SymInt as a step output. An export is inference
+    anyway; in the ONNX graph both are no-ops."""
+    n_xs = len(xs)
+
+    def combine(h, *rest):  # the operator's calling convention: (*carry, *xs_t, *additional_inputs)
+        return step(h, list(rest[:n_xs]), list(rest[n_xs:]))
+
+    init = init.detach().contiguous()
+    xs = [x.detach().contiguous() for x in xs]
+    consts = tuple(c.detach().contiguous() for c in consts)
+    h, ys = _scan_op(combine, [init], xs, consts)
+    return h, ys
+
+
+def _as_carry(h):
+    """A scan step's new carry with the init's strides: contiguous, size-1 axes included.
+
+    The scan requires the carry's metadata to equal the init's, strides too. Broadcasting gives a
+    size-1 axis of the result (static batch 1 with d_state = 1 or g = 1) whatever stride it likes,
+    e.g. (32, 32, 1, 1) for the init's (32, 32, 32, 1) at (1, 1, 1, 32); .contiguous() leaves
+    such strides as they are (the tensor counts as contiguous), a contiguous-format clone does
+    not. The clone is no node in the ONNX graph."""
+    return h.clone(memory_format=torch.contiguous_format)
 
 
 # exp(−60) = 9e-27 of the previous state is invisible in float32 and float64; the floor keeps
@@ -102,14 +132,21 @@ def selective_scan_body(u, delta, A, B, C, D=None, z=None, delta_bias=None, init
     # onnxruntime (measured on the whole scan at B1·D1536·L2048).
     floor = torch.tensor(LOG_DECAY_MIN, dtype=f, device=u.device)
 
-    def step(h, xs_t):
-        dt_t, du_t, *bc = xs_t
-        B_t = bc.pop(0) if B_fixed is None else B_fixed
-        h = torch.exp(torch.maximum(A_g * dt_t, floor)) * h + B_t * du_t  # (b, g, n, hd)
-        y_t = bc.pop(0) @ h if C_fixed is None else (C_fixed * h).sum(2, keepdim=True)  # (b, g, 1, hd)
+    B_is_fixed, C_is_fixed = B_fixed is not None, C_fixed is not None
+    consts = [A_g, floor] + [x for x in (B_fixed, C_fixed) if x is not None]
+
+    def step(h, xs_t, consts_t):  # the tensors come in as arguments (see _detached_scan)
+        dt_t, du_t, *varying_bc = xs_t
+        A_t, floor_t, *fixed_bc = consts_t
+        B_t = (fixed_bc if B_is_fixed else varying_bc).pop(0)
+        h = _as_carry(torch.exp(torch.maximum(A_t * dt_t, floor_t)) * h + B_t * du_t)  # (b, g, n, hd)
+        if C_is_fixed:
+            y_t = (fixed_bc.pop(0) * h).sum(2, keepdim=True)  # (b, g, 1, hd)
+        else:
+            y_t = varying_bc.pop(0) @ h
         return h, y_t
 
-    h, ys = _detached_scan(step, h0, xs)  # ys: (l, b, g, 1, hd)
+    h, ys = _detached_scan(step, h0, xs, consts)  # ys: (l, b, g, 1, hd)
     y = ys.flatten(2).permute(1, 2, 0)  # (b, d, l)
     if D is not None:
         y = y + uf * D.to(f)[:, None]
@@ -181,8 +218,9 @@ def _ssd_chunk_scan(a, xdt, B, C, s0, g, r, chunk_size):
     ones = torch.ones(T, T, dtype=a.dtype, device=a.device)
     strictly_lower, causal = ones.tril(-1), ones.tril()  # [k, j]: k > j; [i, j]: j <= i
 
-    def step(state, xs_t):
+    def step(state, xs_t, consts):  # the tensors come in as arguments (see _detached_scan)
         a_c, x_c, B_c, C_c = xs_t
+        strictly_lower, causal = consts
         # L[i, j] = exp(Σ_{j<k≤i} a_k): a masked cumsum down the rows, then the causal mask.
         L = torch.exp(torch.cumsum(a_c.unsqueeze(-1) * strictly_lower, dim=-2)) * causal  # (b, h, T, T)
         scores = C_c @ B_c.transpose(-1, -2)  # (b, g, T, T)
@@ -195,8 +233,8 @@ def _ssd_chunk_scan(a, xdt, B, C, s0, g, r, chunk_size):
         weights = torch.exp(reverse_exclusive_cumsum(a_c)).unflatten(1, (g, r)).unsqueeze(-1)
         added = (x_g * weights).transpose(-1, -2) @ B_c.unsqueeze(2)  # (b, g, r, p, n)
         total = torch.exp(cs[..., -1:]).unsqueeze(-1)  # (b, h, 1, 1)
-        state = total * state + added.flatten(1, 2)
+        state = _as_carry(total * state + added.flatten(1, 2))
         return state, y_c.flatten(1, 2).transpose(1, 2)  # y: (b, T, h, p)
 
-    final, ys = _detached_scan(step, s0, (a_all, x_all, B_all, C_all))  # ys: (nc, b, T, h, p)
+    final, ys = _detached_scan(step, s0, (a_all, x_all, B_all, C_all), (strictly_lower, causal))  # ys: (nc, b, T, h, p)
     return ys.movedim(0, 1).flatten(1, 2)[:, :l], final  # (b, l, h, p)

@@ -1,4 +1,5 @@
-"""Mamba-1 selective scan: the sequential oracle, the chunked scan we export, and the decode step.
+"""Mamba-1 selective scan: the sequential oracle, the chunked scan (differentiable; what the custom
+op's backward recomputes), the sequential eager fast path, and the decode step.
 
 Glossary (mamba_ssm / paper naming):
   b: batch   d: channels (d_inner)   l: seqlen   n: dstate (N)   g: groups of B/C   hd = d // g
@@ -233,3 +234,76 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         delta_softplus=dt_softplus, return_last_state=True, initial_state=state,
     )
     return out[..., 0], new_state.to(state.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager fast path: the recurrence itself, one fused op per step.
+
+# Steps whose per-step tensors (b, g, hd, n) are prepared at once: the exp(Δ·A) and Δ·u·B of a
+# block are computed vectorized, then the loop runs one addcmul per step. 2^21 elements (8 MB
+# float32 per tensor) keeps a block's two tensors inside a large L2/L3 while leaving the
+# per-step work large enough that the loop's overhead does not show (benchmarks/eager_scan.py).
+BLOCK_ELEMENTS = 1 << 21
+
+
+def selective_scan_sequential(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, initial_state=None,
+):
+    """selective_scan_ref's recurrence, for eager speed: same signature, semantics and result.
+
+    Inference only (in-place writes into its own buffers; the custom op's backward recomputes
+    with selective_scan_chunked). Per block of steps, time-major (t, b, g, hd, n):
+      decay = exp(Δ·A), drive = Δ·u·B (vectorized), then h_t = drive_t + decay_t·h_{t−1} as one
+      addcmul per step written over drive_t, so that drive ends up holding every state; then
+      y = Σ_n h·C for the whole block. The same arithmetic as selective_scan_ref, step by step
+      (no cumsum/divide), so it agrees with the sequential oracle to a few ulps.
+    """
+    dims = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    out, h = scan_sequential(dims, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    return (out, h) if return_last_state else out
+
+
+def scan_sequential(dims: ScanDims, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    """selective_scan_sequential on checked inputs (dims from check_scan_inputs) -> (out, last_state)."""
+    b, d, l, n = dims.batch, dims.dim, dims.seqlen, dims.dstate
+    dtype_in, f = u.dtype, compute_dtype(u)
+    g = dims.groups or 1  # both B and C fixed: one group of all channels
+    hd = d // g
+    uf = u.to(f)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, f)
+
+    def time_major(x):  # (b, d, l) -> (l, b, g, hd, 1), contiguous: each step's state is then one block
+        return x.permute(2, 0, 1).contiguous().view(l, b, g, hd, 1)
+
+    def per_step(x):  # B or C -> (l | 1, b | 1, g, hd | 1, n), broadcast against the state
+        x = x.to(f)
+        if x.dim() == 2:  # fixed (d, n)
+            return x.reshape(1, 1, g, hd, n)
+        if x.dim() == 3:  # (b, n, l)
+            return x.permute(2, 0, 1).reshape(l, b, 1, 1, n)
+        return x.permute(3, 0, 1, 2).unsqueeze(3)  # (b, g, n, l) -> (l, b, g, 1, n)
+
+    dt_t, du_t = time_major(dt), time_major(dt * uf)
+    A_g = A.to(f).reshape(g, hd, n)
+    B_t, C_t = per_step(B), per_step(C)
+    h = initial_state.to(f).reshape(b, g, hd, n) if initial_state is not None else None  # None: zeros
+    block = max(1, min(l, BLOCK_ELEMENTS // max(1, b * d * n)))
+    ys = []
+    for start in range(0, l, block):
+        stop = min(l, start + block)
+        decay = torch.exp(dt_t[start:stop] * A_g)  # (t, b, g, hd, n)
+        Bs = B_t if B_t.shape[0] == 1 else B_t[start:stop]
+        states = du_t[start:stop] * Bs  # Δ·u·B: (t, b, g, hd, n), fresh, overwritten by the states
+        for i in range(stop - start):
+            h = states[i] if h is None else torch.addcmul(states[i], decay[i], h, out=states[i])
+        Cs = C_t if C_t.shape[0] == 1 else C_t[start:stop]
+        # y_t = Σ_n h_t·C_t -> (t, b, g, hd): a batched matmul for a large block with per-step C
+        # (2x faster than multiply-and-sum at MambaIR's size), else multiply-and-sum (the matmul's
+        # dispatch costs more than a small block's arithmetic).
+        if Cs.shape[3] == 1 and states.numel() >= 1 << 16:
+            ys.append((states @ Cs.transpose(-1, -2)).squeeze(-1))
+        else:
+            ys.append((states * Cs).sum(-1))
+    y = (ys[0] if len(ys) == 1 else torch.cat(ys)).reshape(l, b, d).permute(1, 2, 0)  # (b, d, l)
+    return _finish(y, uf, D, z, dtype_in, f), h.reshape(b, d, n)
