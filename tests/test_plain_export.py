@@ -283,7 +283,7 @@ def test_fixed_B_C_initial_and_last_state():
     """Fixed (d, n) B and C, an initial state in and the last state out: the plain route against
     float64 and against our wrapper's chunked form. That graph has the lowering's Loop, which the
     plain route never emits: the wrapper's export still takes the custom op (opaque_ops works)."""
-    assert not exporting_plainly()  # eager calls take the custom op
+    assert not exporting_plainly()  # eager calls take the eager paths (custom op, or the no-grad scan)
 
     class Fixed(nn.Module):
         def __init__(self):
