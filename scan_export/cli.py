@@ -402,9 +402,10 @@ def _add_verify(sub):
 def cmd_verify(args):
     from .verify import verify_export
 
+    # Each line as soon as it is known (a 130m-shaped model takes minutes), the verdict last.
     report = verify_export(args.export_dir, args.checkpoint, n_tokens=args.tokens, provider=args.provider,
-                           rtol=args.rtol)
-    print(report.format())
+                           rtol=args.rtol, say=lambda line: print(line, flush=True))
+    print(report.verdict())
     return 0 if report.passed else 1
 
 

@@ -59,6 +59,10 @@ class Row:
     def passed(self) -> bool:
         return self.ours.finite and self.ours.rel <= self.bar
 
+    def line(self) -> str:
+        verdict = "ok" if self.passed else ("FAIL (non-finite)" if not self.finite else "FAIL")
+        return f"{self.name:<26} {self.ours.rel:>11.2e} {self.theirs.rel:>15.2e} {self.bar:>9.2e}   {verdict}"
+
 
 @dataclass(frozen=True)
 class TokenRow:
@@ -117,6 +121,7 @@ class VerifyReport:
     tokens: list[TokenRow] = field(default_factory=list)
     ref_dtype: str = "float32"  # the precision transformers runs in for the bar (the export's)
     rtol: float | None = None  # a user's fixed bar; None: MARGIN × transformers' error, at least FLOOR
+    notes: list[str] = field(default_factory=list)  # where transformers could not be run as usual
 
     @property
     def passed(self) -> bool:
@@ -128,15 +133,16 @@ class VerifyReport:
         return (f"bar = max({MARGIN:g} x transformers {self.ref_dtype} error, {FLOOR[self.ref_dtype]:g}); "
                 "errors are max|err| / max|float64|")
 
+    def header(self) -> list[str]:
+        return [f"against transformers float64; {self.bar_rule()}",
+                f"output                     ours vs f64  tf-{self.ref_dtype[5:]} vs f64       bar   result"]
+
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
     def format(self) -> str:
-        lines = [f"against transformers float64; {self.bar_rule()}",
-                 f"output                     ours vs f64  tf-{self.ref_dtype[5:]} vs f64       bar   result"]
-        for r in self.logits + self.states:
-            verdict = "ok" if r.passed else ("FAIL (non-finite)" if not r.finite else "FAIL")
-            lines.append(f"{r.name:<26} {r.ours.rel:>11.2e} {r.theirs.rel:>15.2e} {r.bar:>9.2e}   {verdict}")
-        lines += [t.line(i, self.ref_dtype) for i, t in enumerate(self.tokens)]
-        lines.append("PASS" if self.passed else "FAIL")
-        return "\n".join(lines)
+        return "\n".join(self.header() + self.notes + [r.line() for r in self.logits + self.states]
+                         + [t.line(i, self.ref_dtype) for i, t in enumerate(self.tokens)] + [self.verdict()])
 
 
 HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
@@ -172,15 +178,86 @@ def read_checkpoint_config(checkpoint_dir, description: dict, export_dir) -> dic
     return cfg
 
 
-def _load_hf(checkpoint_dir, model_type: str, dtype):
-    import torch
-    import transformers
+# transformers' own failures on configs export-model accepts, by a piece of their message: the config
+# fields that cause them and why (transformers 5.25, CPU). Other failures are reported without a field.
+KNOWN_FAILURES = (
+    ("strides should be multiple of 16 bytes", ("intermediate_size", "moe_intermediate_size"),
+     "its grouped_mm experts need an expert width that is a multiple of 4 floats"),
+    ("get_mask_sizes", ("attn_layer_period", "attn_layer_offset", "layer_types", "layers_block_type"),
+     "its cache needs at least one attention layer"),
+)
 
-    cls = getattr(transformers, HF_CLASSES[model_type])
-    kw = {}
-    if model_type in MOE_MODEL_TYPES and dtype == torch.float64:
-        kw["experts_implementation"] = "eager"  # its default, torch._grouped_mm, has no float64 kernel
-    return cls.from_pretrained(str(checkpoint_dir), dtype=dtype, **kw).eval()
+
+def _diagnosis(error: Exception, cfg: dict) -> str:
+    """What transformers said, on one line, after the config fields that cause it where known."""
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
+    for needle, fields, why in KNOWN_FAILURES:
+        if needle in text:
+            given = ", ".join(f"{f} {cfg[f]!r}" for f in fields if f in cfg)
+            return f"config {given or ' / '.join(fields)}: {why} ({text})"
+    return f"a config this transformers does not run; --debug shows where ({text})"
+
+
+class _Referee:
+    """transformers' model for the checkpoint in one dtype. MoE experts run eager: the default,
+    torch._grouped_mm, has no float64 kernel, and on CPU its float32 kernel fails unless an expert's
+    width is a multiple of 4 floats (transformers' own tests use intermediate_size 37); eager is the
+    same arithmetic, one expert at a time. Every forward and generate() takes the cached path until
+    it fails for this config, then use_cache=False full forwards (`note` says so); a failure without
+    the cache too is transformers' own: a one-line ScanExportError naming the config field and the
+    transformers version, never a traceback."""
+
+    def __init__(self, checkpoint_dir, cfg: dict, model_type: str, dtype: str):
+        import torch
+        import transformers
+
+        self.cfg, self.dtype, self.use_cache, self.note = cfg, dtype, True, None
+        cls = getattr(transformers, HF_CLASSES[model_type])
+        kw = {"experts_implementation": "eager"} if model_type in MOE_MODEL_TYPES else {}
+        self.model = self._call("load the checkpoint", lambda: cls.from_pretrained(
+            str(checkpoint_dir), dtype=getattr(torch, dtype), **kw).eval())
+
+    def _call(self, what: str, fn):
+        import transformers
+
+        try:
+            return fn()
+        except Exception as e:  # raised inside transformers / torch, on inputs an export accepts
+            raise ScanExportError(f"--checkpoint: transformers {transformers.__version__} {self.dtype} cannot "
+                                  f"{what}: {_diagnosis(e, self.cfg)}") from e
+
+    def _cached(self, what: str, cached, uncached):
+        import torch
+        import transformers
+
+        with torch.no_grad():
+            if self.use_cache:
+                try:
+                    return cached()
+                except Exception as e:
+                    result = self._call(what, uncached)  # raises when transformers cannot run it at all
+                    self.use_cache = False
+                    self.note = (f"note: transformers {transformers.__version__}'s cached path fails here, "
+                                 f"{_diagnosis(e, self.cfg)}; judged by use_cache=False full forwards, "
+                                 "transformers' states not compared")
+                    return result
+            return self._call(what, uncached)
+
+    def forward(self, ids):
+        """(logits, cache) of one forward from an empty state; cache None on the use_cache=False path."""
+        out = self._cached("run a forward", lambda: self.model(ids, use_cache=True),
+                           lambda: self.model(ids, use_cache=False))
+        return out.logits, (out.cache if self.use_cache else None)
+
+    def generate(self, prompt: list[int], n_tokens: int, eos) -> list[int]:
+        import torch
+
+        ids = torch.tensor([prompt])
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens, do_sample=False)
+        out = self._cached("generate", lambda: self.model.generate(ids, use_cache=True, **kw),
+                           lambda: self.model.generate(ids, use_cache=False, **kw))[0, len(prompt):].tolist()
+        return out[: out.index(eos) + 1] if eos is not None and eos in out else out
 
 
 def _hf_states(cache, description: dict) -> list[np.ndarray]:
@@ -226,61 +303,64 @@ def verify_export(export_dir, checkpoint_dir, **kw) -> VerifyReport:
 
 
 def _verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS, n_tokens: int = 32,
-                   n_prompts: int = 3, provider: str = "cpu", seed: int = 0, rtol: float | None = None) -> VerifyReport:
+                   n_prompts: int = 3, provider: str = "cpu", seed: int = 0, rtol: float | None = None,
+                   say=None) -> VerifyReport:
+    """say: called with each line of the report as soon as it is known (the CLI prints them: a
+    130m-shaped model takes minutes, which must not pass in silence)."""
     import torch
 
+    say = say or (lambda line: None)
     if rtol is not None and not rtol > 0:
         raise ScanExportError(f"--rtol must be > 0, got {rtol!r}")
     ours = ExportedMamba(export_dir, provider)
     desc = ours.description
-    read_checkpoint_config(checkpoint_dir, desc, export_dir)
+    cfg = read_checkpoint_config(checkpoint_dir, desc, export_dir)
     model_type, dtype = desc["model_type"], desc["dtype"]
-    f64 = _load_hf(checkpoint_dir, model_type, torch.float64)
-    theirs = _load_hf(checkpoint_dir, model_type, getattr(torch, dtype))
+    f64, theirs = (_Referee(checkpoint_dir, cfg, model_type, d) for d in ("float64", dtype))
     report = VerifyReport(ref_dtype=dtype, rtol=rtol)
+    for line in report.header():
+        say(line)
+
+    def add(rows: list, row, line: str):
+        rows.append(row)
+        for note in {m.note: None for m in (f64, theirs) if m.note is not None}:  # one line for both
+            if note not in report.notes:
+                report.notes.append(note)
+                say(note)
+        say(line)
+
     floor = FLOOR[dtype]
     rng = np.random.default_rng(seed)
     vocab = ours.vocab_size
     for length in prompt_lengths:
         ids = rng.integers(0, vocab, size=(2, length))
         logits, state = ours.forward(ids, ours.zero_state(2))
-        with torch.no_grad():
-            ref = f64(torch.from_numpy(ids), use_cache=True)
-            got = theirs(torch.from_numpy(ids), use_cache=True)
-        report.logits.append(_row(f"logits l={length}", logits, got.logits.double().numpy(),
-                                  ref.logits.numpy(), rtol, floor))
-        if length == max(prompt_lengths):  # states after the longest prefill
-            ref_states = _hf_states(ref.cache, desc)
-            their_states = _hf_states(got.cache, desc)
+        ref, ref_cache = f64.forward(torch.from_numpy(ids))
+        got, got_cache = theirs.forward(torch.from_numpy(ids))
+        row = _row(f"logits l={length}", logits, got.double().numpy(), ref.numpy(), rtol, floor)
+        add(report.logits, row, row.line())
+        # States after the longest prefill, where both transformers runs kept a cache.
+        if length == max(prompt_lengths) and ref_cache is not None and got_cache is not None:
+            ref_states, their_states = _hf_states(ref_cache, desc), _hf_states(got_cache, desc)
             for name, a, b, c in zip(ours.state_outputs, state, their_states, ref_states):
-                report.states.append(_row(name, a, b, c, rtol, floor))
+                row = _row(name, a, b, c, rtol, floor)
+                add(report.states, row, row.line())
 
     eos = desc.get("eos_token_id")
     for _ in range(n_prompts):
         prompt = rng.integers(0, vocab, size=int(rng.integers(2, 12))).tolist()
         (mine,) = generate(ours, [prompt], n_tokens, stop_token_id=eos)
-        f64_tokens, theirs_tokens = (_hf_generate(m, prompt, n_tokens, eos) for m in (f64, theirs))
-        report.tokens.append(_judge_tokens(f64, theirs, prompt, mine, f64_tokens, theirs_tokens, rtol, floor))
+        f64_tokens, theirs_tokens = (m.generate(prompt, n_tokens, eos) for m in (f64, theirs))
+        row = _judge_tokens(f64, theirs, prompt, mine, f64_tokens, theirs_tokens, rtol, floor)
+        add(report.tokens, row, row.line(len(report.tokens), dtype))
     return report
 
 
-def _hf_generate(model, prompt: list[int], n_tokens: int, eos) -> list[int]:
+def _full_forward_logits(model: _Referee, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """The logits that chose each of `tokens`, from one full forward, as float64: (n, V)."""
     import torch
 
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens,
-                             do_sample=False)[0, len(prompt):].tolist()
-    return out[: out.index(eos) + 1] if eos is not None and eos in out else out
-
-
-def _full_forward_logits(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
-    """The logits that chose each of `tokens`, from one full forward (no cache), as float64: (n, V)."""
-    import torch
-
-    ids = torch.tensor([prompt + tokens[:-1]])
-    with torch.no_grad():
-        return model(ids).logits[0, len(prompt) - 1:].double().numpy()
+    return model.forward(torch.tensor([prompt + tokens[:-1]]))[0][0, len(prompt) - 1:].double().numpy()
 
 
 def _judge_tokens(f64, theirs, prompt, mine, f64_tokens, theirs_tokens, rtol, floor) -> TokenRow:
