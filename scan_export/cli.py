@@ -395,7 +395,8 @@ def _add_verify(sub):
                    help="a fixed bar on each output's relative error (max|err| / max|ref|) against "
                         f"transformers float64. Default: {MARGIN:g} x the error transformers itself makes "
                         "in the export's dtype (float32, or float16 for fp16 exports) against float64, "
-                        f"at least {FLOOR['float32']:g} (float32) / {FLOOR['float16']:g} (float16)")
+                        f"at least {FLOOR['float32']:g} (float32) / {FLOOR['float16']:g} (float16); a quantized "
+                        "export against transformers on its own dequantized weights (accuracy level 4 run at level 0)")
     p.set_defaults(func=cmd_verify)
 
 
