@@ -14,6 +14,7 @@ import transformers  # noqa: E402
 from scan_export import verify  # noqa: E402
 from scan_export.cli import main  # noqa: E402
 from scan_export.errors import ScanExportError  # noqa: E402
+from scan_export.onnx.model_export import export_model  # noqa: E402
 from scan_export.runtime.generate import ExportedMamba  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
@@ -55,13 +56,19 @@ def test_export_model_then_verify_passes(exported):
         assert len(report.states) == len(ExportedMamba(out).state_outputs)
 
 
-def test_a_failure_of_transformers_itself_is_one_line(tmp_path, monkeypatch):
-    """The float32 referee loaded as transformers would by default (grouped_mm experts): transformers
-    itself fails on width-37 experts, cached and uncached. The error (a ScanExportError: the CLI
-    prints it as one line, exit 2) names the field, the reason and transformers' version."""
+def test_a_failure_of_transformers_itself_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """The referees loaded as transformers would by default (grouped_mm experts): transformers itself
+    fails on width-37 experts in float32 (and on float64 at all), cached and uncached. The error names
+    the field, the reason and transformers' version; the CLI prints it as one line, exit 2."""
     model_type, overrides = CONFIGS["jamba-16-experts-width-37"]
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", model_type, **overrides)
     monkeypatch.setattr(verify, "MOE_MODEL_TYPES", ())
+    out = export_model(ckpt, tmp_path / "export")
+    capsys.readouterr()
+    assert main(["verify", str(out), "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"transformers {transformers.__version__} float64 cannot run a forward" in err, err
     referee = verify._Referee(ckpt, json.loads((ckpt / "config.json").read_text()), "jamba", "float32")
     with pytest.raises(ScanExportError) as e:
         referee.forward(torch.zeros((1, 3), dtype=torch.long))
