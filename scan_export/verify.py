@@ -4,7 +4,8 @@ The referee is the checkpoint run by transformers in float64. Our export's error
 to the error transformers itself makes in the export's precision (float32, or float16 for fp16
 exports) against the same float64 run, times MARGIN. A fixed bar cannot be fair: 24 random layers
 amplify rounding, so a 130m-shaped random Mamba puts transformers' own float32 logits 4.8e-4 off
-float64 (ours 3.4e-4), while a 2-layer model sits near 1e-7.
+float64 (ours 3.4e-4), while a 2-layer model sits near 1e-7. A quantized export is judged the same
+way against transformers run on its own weights, dequantized (QUANTIZED below).
 
 Like check.py, this is where torch, transformers and onnxruntime meet; deployments never import it.
 """
@@ -12,6 +13,8 @@ Like check.py, this is where torch, transformers and onnxruntime meet; deploymen
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,20 @@ MARGIN = 8.0
 # still ≥ 100× under what a formulation error gives. float16: 2e-3 ≈ 2 ulps (transformers fp16
 # itself measures 0.8-2e-3 on tiny models).
 FLOOR = {"float32": 2e-6, "float16": 2e-3}
+# QUANTIZED: a quantized export (export-model --quantize int8|int4) is judged against transformers run on the
+# export's own weights, dequantized (dequantized_weights), with the float32 bar: against the original
+# weights no tight bar can hold, and a loose fixed one would hide real bugs. Measured, logits
+# l = 1, 7, 64, 100 vs float64, block 32, on the trained tests/fixtures/mamba-bytes:
+#   int4 at accuracy level 0-3 (float activations; on CPU 2 and 3 compute as 1): 4.4-7.1e-7 off the
+#     dequantized run, as transformers float32 is (3.1-7.0e-7); 0.22-0.33 off the original weights.
+#   accuracy level 4 (the default: MatMulNBits rounds its activation to int8 per block) off the
+#     dequantized run: 1.6-2.7e-2 (int8 weights), 1.7-2.3e-2 (int4); mamba2-bytes 1.3-2.8e-2, 0.8-2.3e-2;
+#     tiny random Mamba / Mamba-2 1.2-3.1e-2; tiny random Jamba (MoE, sharpened weights) 4.4e-2-0.46
+#     (int8), 3.7e-2-0.39 (int4). No stated tolerance both holds and catches bugs (one layer's D
+#     zeroed moves logits 1e-2-0.5), so level 4 is judged at level 0: the same graph and weights with
+#     float activations, the bar unchanged; the as-exported error is printed, not judged (the rounding
+#     is onnxruntime's kernel, which the export only selects).
+INT8_ACTIVATION_LEVEL = 4
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,10 @@ class Row:
     @property
     def passed(self) -> bool:
         return self.ours.finite and self.ours.rel <= self.bar
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else ("FAIL (non-finite)" if not self.finite else "FAIL")
+        return f"{self.name:<26} {self.ours.rel:>11.2e} {self.theirs.rel:>15.2e} {self.bar:>9.2e}   {verdict}"
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,28 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     return next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+@dataclass(frozen=True)
+class WeightsRow:
+    """A quantized export's weights, each against its checkpoint parameter: the parameter of its shape
+    nearest to it, in quantization steps. RTN moves a weight half a step by rounding, one step where a
+    block's largest |w| lands on the clipped end of the range; the other parameters of a shape are many
+    steps off (≥ 10 on the tiny models), so the nearest is the right one."""
+
+    steps: dict  # MatMulNBits node -> (parameter name or None, worst |dequantized − checkpoint| / step)
+
+    @property
+    def passed(self) -> bool:
+        return all(off <= 1 + 1e-6 for _, off in self.steps.values())
+
+    def line(self) -> str:
+        worst = max((off for _, off in self.steps.values()), default=0.0)
+        text = (f"quantized weights: {len(self.steps)} MatMulNBits, each within {worst:.2f} quantization steps "
+                "of its checkpoint parameter (RTN: at most 1)")
+        bad = [f"{node} ({name or 'no parameter of its shape'}: {off:.3g} steps)"
+               for node, (name, off) in self.steps.items() if off > 1 + 1e-6]
+        return text + ("   ok" if not bad else "\n  FAIL: not the checkpoint's weights: " + ", ".join(bad))
+
+
 @dataclass
 class VerifyReport:
     logits: list[Row] = field(default_factory=list)
@@ -117,10 +160,15 @@ class VerifyReport:
     tokens: list[TokenRow] = field(default_factory=list)
     ref_dtype: str = "float32"  # the precision transformers runs in for the bar (the export's)
     rtol: float | None = None  # a user's fixed bar; None: MARGIN × transformers' error, at least FLOOR
+    notes: list[str] = field(default_factory=list)  # where transformers could not be run as usual
+    quantization: dict | None = None  # the export's (scan_export.json): transformers runs its dequantized weights
+    weights: WeightsRow | None = None  # a quantized export's weights against the checkpoint's
+    as_exported: list[float] = field(default_factory=list)  # accuracy level 4's logits errors, not judged
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.logits + self.states) and all(t.passed for t in self.tokens)
+        return (all(r.passed for r in self.logits + self.states) and all(t.passed for t in self.tokens)
+                and (self.weights is None or self.weights.passed))
 
     def bar_rule(self) -> str:
         if self.rtol is not None:
@@ -128,15 +176,31 @@ class VerifyReport:
         return (f"bar = max({MARGIN:g} x transformers {self.ref_dtype} error, {FLOOR[self.ref_dtype]:g}); "
                 "errors are max|err| / max|float64|")
 
+    def as_exported_line(self, prompt_lengths) -> str:
+        errors = ", ".join(f"{e:.1e}" for e in self.as_exported)
+        return (f"as exported (accuracy level {INT8_ACTIVATION_LEVEL}, activations rounded to int8): logits "
+                f"{errors} off float64 at l = {', '.join(map(str, prompt_lengths))}; not judged (onnxruntime's "
+                "kernel rounding; measured 1e-2-3e-2 on small Mambas, up to 0.46 on a tiny random Jamba)")
+
+    def header(self) -> list[str]:
+        q = self.quantization
+        on = f" on the export's int{q['bits']} weights, dequantized" if q is not None else ""
+        if q is not None and q["accuracy_level"] == INT8_ACTIVATION_LEVEL:
+            on += (f"; judged at accuracy level 0 (float activations; exported: {INT8_ACTIVATION_LEVEL}, "
+                   "int8 activations), the same graph and weights")
+        return [f"against transformers float64{on}; {self.bar_rule()}",
+                f"output                     ours vs f64  tf-{self.ref_dtype[5:]} vs f64       bar   result"]
+
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
     def format(self) -> str:
-        lines = [f"against transformers float64; {self.bar_rule()}",
-                 f"output                     ours vs f64  tf-{self.ref_dtype[5:]} vs f64       bar   result"]
-        for r in self.logits + self.states:
-            verdict = "ok" if r.passed else ("FAIL (non-finite)" if not r.finite else "FAIL")
-            lines.append(f"{r.name:<26} {r.ours.rel:>11.2e} {r.theirs.rel:>15.2e} {r.bar:>9.2e}   {verdict}")
-        lines += [t.line(i, self.ref_dtype) for i, t in enumerate(self.tokens)]
-        lines.append("PASS" if self.passed else "FAIL")
-        return "\n".join(lines)
+        weights = [self.weights.line()] if self.weights is not None else []
+        exported = ([self.as_exported_line([r.name[len("logits l="):] for r in self.logits])]
+                    if self.as_exported else [])
+        return "\n".join(self.header() + weights + self.notes + [r.line() for r in self.logits + self.states]
+                         + exported + [t.line(i, self.ref_dtype) for i, t in enumerate(self.tokens)]
+                         + [self.verdict()])
 
 
 HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
@@ -172,15 +236,134 @@ def read_checkpoint_config(checkpoint_dir, description: dict, export_dir) -> dic
     return cfg
 
 
-def _load_hf(checkpoint_dir, model_type: str, dtype):
-    import torch
-    import transformers
+# transformers' own failures on configs export-model accepts, by a piece of their message: the config
+# fields that cause them and why (transformers 5.25, CPU). Other failures are reported without a field.
+KNOWN_FAILURES = (
+    ("strides should be multiple of 16 bytes", ("intermediate_size", "moe_intermediate_size"),
+     "its grouped_mm experts need an expert width that is a multiple of 4 floats"),
+    ("get_mask_sizes", ("attn_layer_period", "attn_layer_offset", "layer_types", "layers_block_type"),
+     "its cache needs at least one attention layer"),
+)
 
-    cls = getattr(transformers, HF_CLASSES[model_type])
-    kw = {}
-    if model_type in MOE_MODEL_TYPES and dtype == torch.float64:
-        kw["experts_implementation"] = "eager"  # its default, torch._grouped_mm, has no float64 kernel
-    return cls.from_pretrained(str(checkpoint_dir), dtype=dtype, **kw).eval()
+
+def _diagnosis(error: Exception, cfg: dict) -> str:
+    """What transformers said, on one line, after the config fields that cause it where known."""
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
+    for needle, fields, why in KNOWN_FAILURES:
+        if needle in text:
+            given = ", ".join(f"{f} {cfg[f]!r}" for f in fields if f in cfg)
+            return f"config {given or ' / '.join(fields)}: {why} ({text})"
+    return f"a config this transformers does not run; --debug shows where ({text})"
+
+
+class _Referee:
+    """transformers' model for the checkpoint in one dtype. MoE experts run eager: the default,
+    torch._grouped_mm, has no float64 kernel, and on CPU its float32 kernel fails unless an expert's
+    width is a multiple of 4 floats (transformers' own tests use intermediate_size 37); eager is the
+    same arithmetic, one expert at a time. Every forward and generate() takes the cached path until
+    it fails for this config, then use_cache=False full forwards (`note` says so); a failure without
+    the cache too is transformers' own: a one-line ScanExportError naming the config field and the
+    transformers version, never a traceback."""
+
+    def __init__(self, checkpoint_dir, cfg: dict, model_type: str, dtype: str):
+        import torch
+        import transformers
+
+        self.cfg, self.dtype, self.use_cache, self.note = cfg, dtype, True, None
+        cls = getattr(transformers, HF_CLASSES[model_type])
+        kw = {"experts_implementation": "eager"} if model_type in MOE_MODEL_TYPES else {}
+        self.model = self._call("load the checkpoint", lambda: cls.from_pretrained(
+            str(checkpoint_dir), dtype=getattr(torch, dtype), **kw).eval())
+
+    def swap_in(self, weights: dict) -> None:
+        """Replace parameters by name with the given arrays (a quantized export's dequantized weights)."""
+        import torch
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, w in weights.items():
+                params[name].copy_(torch.from_numpy(w))
+
+    def _call(self, what: str, fn):
+        import transformers
+
+        try:
+            return fn()
+        except Exception as e:  # raised inside transformers / torch, on inputs an export accepts
+            raise ScanExportError(f"--checkpoint: transformers {transformers.__version__} {self.dtype} cannot "
+                                  f"{what}: {_diagnosis(e, self.cfg)}") from e
+
+    def _cached(self, what: str, cached, uncached):
+        import torch
+        import transformers
+
+        with torch.no_grad():
+            if self.use_cache:
+                try:
+                    return cached()
+                except Exception as e:
+                    result = self._call(what, uncached)  # raises when transformers cannot run it at all
+                    self.use_cache = False
+                    self.note = (f"note: transformers {transformers.__version__}'s cached path fails here, "
+                                 f"{_diagnosis(e, self.cfg)}; judged by use_cache=False full forwards, "
+                                 "transformers' states not compared")
+                    return result
+            return self._call(what, uncached)
+
+    def forward(self, ids):
+        """(logits, cache) of one forward from an empty state; cache None on the use_cache=False path."""
+        out = self._cached("run a forward", lambda: self.model(ids, use_cache=True),
+                           lambda: self.model(ids, use_cache=False))
+        return out.logits, (out.cache if self.use_cache else None)
+
+    def generate(self, prompt: list[int], n_tokens: int, eos) -> list[int]:
+        import torch
+
+        ids = torch.tensor([prompt])
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens, do_sample=False)
+        out = self._cached("generate", lambda: self.model.generate(ids, use_cache=True, **kw),
+                           lambda: self.model.generate(ids, use_cache=False, **kw))[0, len(prompt):].tolist()
+        return out[: out.index(eos) + 1] if eos is not None and eos in out else out
+
+
+def dequantized_weights(model_file) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Every MatMulNBits weight of a quantized export, dequantized as onnxruntime reads it: (node name,
+    W (N, K) float64, each weight's quantization step (N, K)). Symmetric, no zero points: the zero point
+    is 2^(bits−1); 4-bit values are packed two a byte, the first in the low nibble. A tied embedding is
+    one of them (its lm_head reads the table the input GatherBlockQuantized reads)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_file))
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        n, k, bits = a["N"], a["K"], a["bits"]
+        q = numpy_helper.to_array(inits[node.input[1]])  # (N, k_blocks, block_size · bits / 8) uint8
+        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64).reshape(n, -1)
+        if bits == 4:
+            q = np.stack([q & 15, q >> 4], axis=-1).reshape(n, q.shape[1], -1)
+        w = (q.astype(np.float64) - 2 ** (bits - 1)) * scales[:, :, None]
+        step = np.repeat(np.abs(scales), a["block_size"], axis=1)
+        out.append((node.name, w.reshape(n, -1)[:, :k], step[:, :k]))
+    return out
+
+
+def _match_dequantized(model, quantized) -> tuple[dict[str, np.ndarray], WeightsRow]:
+    """({parameter name: dequantized W} for the weights that match, the row judging all of them)."""
+    params = {name: p.detach().double().numpy() for name, p in model.named_parameters()}
+    found, steps = {}, {}
+    for node, w, step in quantized:
+        off = {name: float(np.max(np.abs(p - w) / step)) for name, p in params.items() if p.shape == w.shape}
+        name = min(off, key=off.get, default=None)
+        steps[node] = (name, off.get(name, float("inf")))
+        if name is not None and off[name] <= 1 + 1e-6:
+            found[name] = w
+    return found, WeightsRow(steps)
 
 
 def _hf_states(cache, description: dict) -> list[np.ndarray]:
@@ -219,68 +402,104 @@ def verify_export(export_dir, checkpoint_dir, **kw) -> VerifyReport:
     log.set_verbosity_error()
     log.disable_progress_bar()
     try:
-        return _verify_export(export_dir, checkpoint_dir, **kw)
+        with tempfile.TemporaryDirectory(prefix="scan-export-verify-") as workdir:
+            return _verify_export(export_dir, checkpoint_dir, workdir=Path(workdir), **kw)
     finally:
         log.set_verbosity(verbosity)
         log.enable_progress_bar()
 
 
+def _float_activation_copy(export_dir, model_file: str, workdir: Path) -> Path:
+    """A copy of a quantized export with every MatMulNBits at accuracy level 0 (float activations):
+    the same graph and weights (an external data file is copied as it is)."""
+    import onnx
+
+    out = workdir / "float-activations"
+    shutil.copytree(export_dir, out)
+    model = onnx.load(str(out / model_file), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+    onnx.save(model, str(out / model_file))
+    return out
+
+
 def _verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS, n_tokens: int = 32,
-                   n_prompts: int = 3, provider: str = "cpu", seed: int = 0, rtol: float | None = None) -> VerifyReport:
+                   n_prompts: int = 3, provider: str = "cpu", seed: int = 0, rtol: float | None = None,
+                   say=None, workdir: Path) -> VerifyReport:
+    """say: called with each line of the report as soon as it is known (the CLI prints them: a
+    130m-shaped model takes minutes, which must not pass in silence)."""
     import torch
 
+    say = say or (lambda line: None)
     if rtol is not None and not rtol > 0:
         raise ScanExportError(f"--rtol must be > 0, got {rtol!r}")
     ours = ExportedMamba(export_dir, provider)
     desc = ours.description
-    read_checkpoint_config(checkpoint_dir, desc, export_dir)
+    cfg = read_checkpoint_config(checkpoint_dir, desc, export_dir)
     model_type, dtype = desc["model_type"], desc["dtype"]
-    f64 = _load_hf(checkpoint_dir, model_type, torch.float64)
-    theirs = _load_hf(checkpoint_dir, model_type, getattr(torch, dtype))
-    report = VerifyReport(ref_dtype=dtype, rtol=rtol)
+    f64, theirs = (_Referee(checkpoint_dir, cfg, model_type, d) for d in ("float64", dtype))
+    report = VerifyReport(ref_dtype=dtype, rtol=rtol, quantization=desc.get("quantization"))
+    for line in report.header():
+        say(line)
+    if report.quantization is not None:  # a weight that is not the checkpoint's stays out (and fails its row)
+        weights, report.weights = _match_dequantized(f64.model, dequantized_weights(
+            ours.export_dir / desc["model_file"]))
+        f64.swap_in(weights)
+        theirs.swap_in(weights)
+        say(report.weights.line())
+    exported = None  # the export as written, where `ours` is its float-activation copy
+    if report.quantization is not None and report.quantization["accuracy_level"] == INT8_ACTIVATION_LEVEL:
+        copy = _float_activation_copy(export_dir, desc["model_file"], workdir)
+        exported, ours = ours, ExportedMamba(copy, provider)
+
+    def add(rows: list, row, line: str):
+        rows.append(row)
+        for note in {m.note: None for m in (f64, theirs) if m.note is not None}:  # one line for both
+            if note not in report.notes:
+                report.notes.append(note)
+                say(note)
+        say(line)
+
     floor = FLOOR[dtype]
     rng = np.random.default_rng(seed)
     vocab = ours.vocab_size
     for length in prompt_lengths:
         ids = rng.integers(0, vocab, size=(2, length))
         logits, state = ours.forward(ids, ours.zero_state(2))
-        with torch.no_grad():
-            ref = f64(torch.from_numpy(ids), use_cache=True)
-            got = theirs(torch.from_numpy(ids), use_cache=True)
-        report.logits.append(_row(f"logits l={length}", logits, got.logits.double().numpy(),
-                                  ref.logits.numpy(), rtol, floor))
-        if length == max(prompt_lengths):  # states after the longest prefill
-            ref_states = _hf_states(ref.cache, desc)
-            their_states = _hf_states(got.cache, desc)
+        ref, ref_cache = f64.forward(torch.from_numpy(ids))
+        got, got_cache = theirs.forward(torch.from_numpy(ids))
+        row = _row(f"logits l={length}", logits, got.double().numpy(), ref.numpy(), rtol, floor)
+        add(report.logits, row, row.line())
+        if exported is not None:
+            as_exported = exported.forward(ids, exported.zero_state(2))[0]
+            report.as_exported.append(compare("logits", as_exported, ref.numpy()).rel)
+        # States after the longest prefill, where both transformers runs kept a cache.
+        if length == max(prompt_lengths) and ref_cache is not None and got_cache is not None:
+            ref_states, their_states = _hf_states(ref_cache, desc), _hf_states(got_cache, desc)
             for name, a, b, c in zip(ours.state_outputs, state, their_states, ref_states):
-                report.states.append(_row(name, a, b, c, rtol, floor))
+                row = _row(name, a, b, c, rtol, floor)
+                add(report.states, row, row.line())
 
+    if exported is not None:
+        say(report.as_exported_line(prompt_lengths))
     eos = desc.get("eos_token_id")
     for _ in range(n_prompts):
         prompt = rng.integers(0, vocab, size=int(rng.integers(2, 12))).tolist()
         (mine,) = generate(ours, [prompt], n_tokens, stop_token_id=eos)
-        f64_tokens, theirs_tokens = (_hf_generate(m, prompt, n_tokens, eos) for m in (f64, theirs))
-        report.tokens.append(_judge_tokens(f64, theirs, prompt, mine, f64_tokens, theirs_tokens, rtol, floor))
+        f64_tokens, theirs_tokens = (m.generate(prompt, n_tokens, eos) for m in (f64, theirs))
+        row = _judge_tokens(f64, theirs, prompt, mine, f64_tokens, theirs_tokens, rtol, floor)
+        add(report.tokens, row, row.line(len(report.tokens), dtype))
     return report
 
 
-def _hf_generate(model, prompt: list[int], n_tokens: int, eos) -> list[int]:
+def _full_forward_logits(model: _Referee, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """The logits that chose each of `tokens`, from one full forward, as float64: (n, V)."""
     import torch
 
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens,
-                             do_sample=False)[0, len(prompt):].tolist()
-    return out[: out.index(eos) + 1] if eos is not None and eos in out else out
-
-
-def _full_forward_logits(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
-    """The logits that chose each of `tokens`, from one full forward (no cache), as float64: (n, V)."""
-    import torch
-
-    ids = torch.tensor([prompt + tokens[:-1]])
-    with torch.no_grad():
-        return model(ids).logits[0, len(prompt) - 1:].double().numpy()
+    return model.forward(torch.tensor([prompt + tokens[:-1]]))[0][0, len(prompt) - 1:].double().numpy()
 
 
 def _judge_tokens(f64, theirs, prompt, mine, f64_tokens, theirs_tokens, rtol, floor) -> TokenRow:
