@@ -11,7 +11,7 @@ venv="${SCAN_EXPORT_NEWEST_VENV:-${TMPDIR:-/tmp}/scan-export-newest}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager torch==2.13.0 -e ".[test]"
 "$venv/bin/python" -m pip list 2>/dev/null | grep -iE '^(torch|transformers|onnx|onnxruntime|onnxscript|onnx-ir|onnxruntime-genai|tokenizers|safetensors|huggingface.hub) '
-"$venv/bin/python" -m pytest -q "$@"
+"$venv/bin/python" -m pytest -q -n 2 --dist loadfile "$@"
 if (( freeze )); then
   "$venv/bin/python" tools/freeze_constraints.py --write constraints.txt
   echo "constraints.txt rewritten from $venv; review with git diff"
