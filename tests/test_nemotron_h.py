@@ -1,13 +1,14 @@
 """Nemotron-H (issue 11): exports against transformers' NemotronHForCausalLM on tiny random checkpoints
 (saved by transformers itself: `backbone.` names, each expert's matrices apart).
 
-Variants (two exports, ~30 s each on 2 idle cores):
+Variants (three exports, ~30 s each on 2 idle cores):
   moe: Mamba-2 / attention / ReLU² MLP / MoE ("M*-E"): NoPE GQA 4:2, n_groups 2, 8 experts in 2 groups
        (top 2 within the best group), a perturbed e_score_correction_bias, routed_scaling_factor 2.5,
        shared experts
   mlp: attention first, then Mamba-2, then an MLP; multi-head attention (kv = heads), n_groups 1,
        chunk_size 8, time_step_limit (0.05, inf) so that the dt clamp moves the logits by more than the
        logits tolerance (measured 1.5e-4 relative at 0.02): dropping the clamp would fail the logits test
+  latent: moe's layers with moe_latent_size 24 (fc1/fc2_latent_proj around the routed experts)
   tester: transformers 5.25's own NemotronHModelTester config (its numbers, copied), logits only
 
 The referee is transformers >= 5.25: its mixer clamps dt to the checkpoint's time_step_limit, as
@@ -43,6 +44,8 @@ MODELS = {
     "moe": {},  # tiny.TINY_NEMOTRON_H
     "mlp": dict(layers_block_type=["full_attention", "linear_attention", "mlp"], num_key_value_heads=4, n_groups=1,
                 chunk_size=8, time_step_limit=[0.05, float("inf")]),
+    # Nemotron-3's latent MoE: the routed experts run on a 24-wide projection of the 64-wide hidden
+    "latent": dict(moe_latent_size=24),
 }
 # transformers 5.25's NemotronHModelTester.get_config (tests/models/nemotron_h), numbers copied
 TESTER = dict(vocab_size=99, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -215,8 +218,8 @@ def test_legacy_pattern_and_refusals(exported, tmp_path):
     msg = _config_error(ckpt, tmp_path, layers_block_type=None, hybrid_override_pattern="M*X")
     assert msg.endswith("field 'hybrid_override_pattern': characters ['X'] are not layer types; supported characters "
                         "are ['*', '-', 'E', 'M']")
-    msg = _config_error(ckpt, tmp_path, moe_latent_size=32)
-    assert msg.endswith("field 'moe_latent_size': expected null (latent MoE projections are not supported), got 32")
+    msg = _config_error(ckpt, tmp_path, moe_latent_size=0)
+    assert msg.endswith("field 'moe_latent_size': expected null or a positive integer, got 0")
     msg = _config_error(ckpt, tmp_path, mlp_hidden_act="silu")
     assert msg.endswith("field 'mlp_hidden_act': expected 'relu2', got 'silu'")
 

@@ -49,6 +49,7 @@ class NemotronHConfig(HybridConfig):
 
     mixers: tuple[str, ...] = ()  # "mamba", "attention", "mlp" or "moe" per layer
     moe_intermediate_size: int = 0
+    moe_latent_size: int | None = None  # Nemotron-3's latent MoE: experts run on a down-projection of hidden
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
@@ -79,9 +80,9 @@ def config_from_hf(raw: dict) -> NemotronHConfig:
     for field, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
         if raw.get(field, want) != want:
             raise ScanExportError(f"field {field!r}: expected {want!r}, got {raw[field]!r}")
-    if raw.get("moe_latent_size") is not None:
-        raise ScanExportError(f"field 'moe_latent_size': expected null (latent MoE projections are not supported), "
-                              f"got {raw['moe_latent_size']!r}")
+    latent = raw.get("moe_latent_size")
+    if latent is not None and (isinstance(latent, bool) or not isinstance(latent, int) or latent < 1):
+        raise ScanExportError(f"field 'moe_latent_size': expected null or a positive integer, got {latent!r}")
     types, field = block_types(raw)
     if not types:
         raise ScanExportError(f"field {field!r}: expected at least one layer, got none")
@@ -134,7 +135,7 @@ def config_from_hf(raw: dict) -> NemotronHConfig:
         num_experts=experts if moe else 0, experts_per_token=top_k if moe else 0, mixers=mixers,
         moe_intermediate_size=raw.get("moe_intermediate_size", 7688), n_group=n_group, topk_group=topk_group,
         norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
-        routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+        routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)), moe_latent_size=latent if moe else None,
     )
 
 
@@ -194,23 +195,32 @@ class TopKRouter(nn.Module):
 
 
 class NemotronHMoE(nn.Module):
-    """gate (router), experts.up_proj (E, I, hidden), experts.down_proj (E, hidden, I), shared_experts."""
+    """gate (router), experts.up_proj (E, I, d), experts.down_proj (E, d, I), shared_experts, where d is
+    hidden, or moe_latent_size with the latent projections fc1_latent_proj (hidden -> d) before the
+    routed experts and fc2_latent_proj (d -> hidden) after them, as transformers computes them. The
+    router and the shared experts always see the full hidden states."""
 
     def __init__(self, cfg: NemotronHConfig):
         super().__init__()
+        d = cfg.moe_latent_size or cfg.hidden_size
         self.gate = TopKRouter(cfg)
         self.experts = nn.Module()
-        self.experts.up_proj = nn.Parameter(torch.zeros(cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size))
-        self.experts.down_proj = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size))
+        self.experts.up_proj = nn.Parameter(torch.zeros(cfg.num_experts, cfg.moe_intermediate_size, d))
+        self.experts.down_proj = nn.Parameter(torch.zeros(cfg.num_experts, d, cfg.moe_intermediate_size))
         self.shared_experts = ReLU2MLP(cfg.hidden_size, cfg.shared_intermediate_size, cfg.mlp_bias)
+        # transformers' modules; Identity (no parameters, no graph nodes) without a latent size
+        latent = cfg.moe_latent_size is not None
+        self.fc1_latent_proj = nn.Linear(cfg.hidden_size, d, bias=cfg.mlp_bias) if latent else nn.Identity()
+        self.fc2_latent_proj = nn.Linear(d, cfg.hidden_size, bias=cfg.mlp_bias) if latent else nn.Identity()
 
     def forward(self, x):
         """x: (b, l, hidden) -> (b, l, hidden)"""
         b, l, h = x.shape
         flat = x.reshape(b * l, h)
         weights, index = self.gate(flat)
-        y = moe_experts(flat, index, weights.type_as(x), self.experts.up_proj, self.experts.down_proj, "relu2")
-        return y.view(b, l, h) + self.shared_experts(x)
+        y = moe_experts(self.fc1_latent_proj(flat), index, weights.type_as(x), self.experts.up_proj,
+                        self.experts.down_proj, "relu2")  # (N, d)
+        return self.fc2_latent_proj(y).view(b, l, h) + self.shared_experts(x)
 
 
 class NemotronHBlock(nn.Module):
