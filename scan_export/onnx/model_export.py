@@ -30,7 +30,7 @@ from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS
                                 TOKENIZER_FILES)
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
-from .output_dir import plan_output_dir, staged_output
+from .output_dir import HASHES, OWNER_FILE, hash_files, plan_output_dir, staged_output
 from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_quantize_args,
                        check_target_quantize, quantize_file)
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
@@ -41,7 +41,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16"}
 # appeared. State inputs are the ones `state` names. 3: `files` lists every file the export wrote
 # (a later export into the same directory removes exactly those). 4: hybrid models (bamba,
 # granitemoehybrid): KV caches and attention_mask; every state tensor says how it starts ("init")
-# and each `state` entry its layer's "kind".
+# and each `state` entry its layer's "kind". Still 4: `sha256` ({file: hash} of every file but
+# scan_export.json, output_dir.py) is one more key, which readers of version 4 ignore.
 FORMAT_VERSION = 4
 # The genai target's logits_to_keep default: every position, the logits shape genai binds.
 GENAI_LOGITS_TO_KEEP = 0
@@ -230,7 +231,10 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         raise ScanExportError(f"target 'genai' supports mamba, falcon_mamba and mamba2 exports; checkpoint "
                               f"{str(checkpoint_dir)!r} is {model_type!r} (use the default target)")
     check_target_quantize(tgt, quantize)
-    plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"})
+    copies = {name: Path(checkpoint_dir) / name for name in TOKENIZER_FILES if (Path(checkpoint_dir) / name).is_file()}
+    plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"},
+                           writes={MODEL_FILE, DESCRIPTION_FILE, *([GENAI_CONFIG_FILE] if tgt.genai else [])},
+                           copies=copies)
     progress = progress or silent
     progress("loading", 0, None)
     model, weights = fake_model(checkpoint_dir, getattr(torch, DTYPES[dtype]))  # parameters: fake tensors
@@ -287,10 +291,11 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         if tgt.genai:
             genai = genai_config(description, MODEL_FILE, checkpoint_dir)
             (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2))
-        for name in TOKENIZER_FILES:
-            src = Path(checkpoint_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, staging / name)  # not copy2: the source's 0600 must not carry over
-        description["files"] = sorted([p.name for p in staging.iterdir()] + [DESCRIPTION_FILE])
+        for name, src in copies.items():
+            shutil.copyfile(src, staging / name)  # not copy2: the source's 0600 must not carry over
+        written = sorted(p.name for p in staging.iterdir() if p.name != OWNER_FILE)
+        description["files"] = sorted([*written, DESCRIPTION_FILE])
+        # What proves a file ours to a later export into this directory (output_dir.py).
+        description[HASHES] = hash_files(staging, written)
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
     return plan.dest
