@@ -26,12 +26,12 @@ import onnx
 
 from ..errors import ScanExportError
 # The contract's names live with its reader.
-from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, MODEL_FILE,
+from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, GENAI_MODEL_TYPES, LOGITS_TO_KEEP, MODEL_FILE,
                                 TOKENIZER_FILES)
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
 from .output_dir import HASHES, OWNER_FILE, hash_files, plan_output_dir, staged_output
-from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_quantize_args,
+from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_block_size, check_quantize_args,
                        check_target_quantize, quantize_file)
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
@@ -227,8 +227,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     lowering = lowering or "portable"
     scan_form = scan_form or DEFAULT_SCAN_FORM
     tgt = resolve_target(target, opset, lowering=lowering)
-    if hybrid and tgt.genai:
-        raise ScanExportError(f"target 'genai' supports mamba, falcon_mamba and mamba2 exports; checkpoint "
+    if model_type not in GENAI_MODEL_TYPES and tgt.genai:
+        raise ScanExportError(f"target 'genai' supports {', '.join(GENAI_MODEL_TYPES)} exports; checkpoint "
                               f"{str(checkpoint_dir)!r} is {model_type!r} (use the default target)")
     check_target_quantize(tgt, quantize)
     copies = {name: Path(checkpoint_dir) / name for name in TOKENIZER_FILES if (Path(checkpoint_dir) / name).is_file()}
@@ -240,6 +240,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     model, weights = fake_model(checkpoint_dir, getattr(torch, DTYPES[dtype]))  # parameters: fake tensors
     progress("loading", 1, 1)
     cfg = model.cfg
+    if QUANTIZE[quantize] is not None:
+        check_block_size(block_size, cfg.hidden_size, bool(cfg.tie_word_embeddings))
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
     if hybrid:
         # A few cached positions in the example keep past_seqlen dynamic (0 and 1 would specialize).
@@ -271,6 +273,9 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
                 input_names=input_names, output_names=["logits", *(o for _, o in names)],
                 weights=weights, progress=progress,
             )
+        written_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        if written_opset != tgt.opset:  # a bug (resolve_target bounds the opset): never describe what we did not write
+            raise RuntimeError(f"asked the exporter for opset {tgt.opset}, it wrote {written_opset}")
         add_logits_to_keep(proto, default=GENAI_LOGITS_TO_KEEP if tgt.genai else None)
         description = (describe_hybrid if hybrid else describe)(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
         name_dims(proto, description)

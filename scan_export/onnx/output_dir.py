@@ -399,9 +399,11 @@ def _commit(plan: OutputPlan, staging: Path) -> None:
     staging.rmdir()
 
 
-def check_output_file(path, *, force: bool = False, ours=None, what: str = "--out") -> Path:
+def check_output_file(path, *, force: bool = False, ours=None, what: str = "--out",
+                      parent_must_exist: bool = False) -> Path:
     """A single output file: refuse a directory, and an existing file unless ours(path) says we wrote
-    it or force is set."""
+    it or force is set; parent_must_exist: refuse a path whose folder is missing (checked before a
+    long run that would only fail at the end)."""
     raw = str(path)
     if not raw.strip():
         raise ScanExportError(f"{what}: expected a file path, got an empty string")
@@ -413,6 +415,9 @@ def check_output_file(path, *, force: bool = False, ours=None, what: str = "--ou
                               f"choose another path, or pass --force to overwrite it")
     if path.parent.exists() and not path.parent.is_dir():
         raise ScanExportError(f"{what} {raw!r}: its parent {str(path.parent)!r} is a file, expected a directory")
+    if parent_must_exist and not path.parent.is_dir():
+        raise ScanExportError(f"{what} {raw!r}: its folder {str(path.parent)!r} does not exist; expected a path "
+                              f"in an existing folder")
     return path
 
 

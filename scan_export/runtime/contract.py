@@ -18,6 +18,8 @@ LOGITS_TO_KEEP = "logits_to_keep"
 ATTENTION_MASK = "attention_mask"  # hybrid exports (version 4): (batch, past_seqlen + seqlen) int64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
+# The families onnxruntime-genai runs (export-model --target genai refuses the hybrids).
+GENAI_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
 # Every name an export before the `files` manifest (format version 3) could have written.
 LEGACY_FILES = [MODEL_FILE, MODEL_FILE + ".data", DESCRIPTION_FILE, *TOKENIZER_FILES]
 # 1: first; 2: Mamba-1 ssm_state channels-last, logits_to_keep input; 3: `files` lists what was written;

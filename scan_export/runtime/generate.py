@@ -31,6 +31,9 @@ from .streaming import TextStreams
 from .tokenizer import load_tokenizer
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+# The most tokens one generate() call adds per row: a count that cannot finish (10**20) is refused
+# up front rather than looping for ever; a million tokens is hours of decoding on any host.
+MAX_NEW_TOKENS = 1_000_000
 PROMPTS_EXPECTED = ("a str, a list of str, token ids (a list of ints or a 1-D integer array), or one row of "
                     "token ids per prompt (a list of lists of ints or a 2-D integer array)")
 
@@ -289,6 +292,27 @@ def _token_row(model: ExportedMamba, p, row: int) -> list[int]:
     return ids
 
 
+def cache_bytes_per_token(model: ExportedMamba) -> int:
+    """Bytes the KV caches grow by per token of one row (0 for recurrent-only exports): every state
+    tensor with a past_seqlen axis, plus the int64 attention mask."""
+    total = 0
+    for s in model.state_inputs:
+        if "past_seqlen" in s["shape"]:
+            total += int(np.prod([d for d in s["shape"] if isinstance(d, int)])) * np.dtype(NP_DTYPES[s["dtype"]]).itemsize
+    return total + (8 if model.takes_attention_mask and total else 0)
+
+
+def check_cache_fits(model: ExportedMamba, batch: int, tokens: int) -> None:
+    """Refuse, before any work, a generation whose KV caches alone would not fit in memory."""
+    from ..resources import available_memory, human_bytes
+
+    need = cache_bytes_per_token(model) * batch * tokens
+    have = available_memory()
+    if need and have is not None and need > have:
+        raise ScanExportError(f"max_new_tokens: {tokens} tokens x {batch} rows would need {human_bytes(need)} of "
+                              f"KV cache, {human_bytes(have)} of memory is available; generate fewer tokens")
+
+
 def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
              sampling: Sampling = Sampling(), stop_token_id: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
@@ -308,13 +332,14 @@ def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
 
     Thread-safe: many threads may call generate on one shared model at once (see ExportedMamba).
     """
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ScanExportError(f"max_new_tokens must be an int >= 0, got {describe_value(max_new_tokens)}")
+    if not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ScanExportError(f"max_new_tokens must be an int in [0, {MAX_NEW_TOKENS}], got {describe_value(max_new_tokens)}")
     if stop_token_id is not None and not _is_int(stop_token_id):
         raise ScanExportError(f"stop_token_id must be an int token id or None, got {describe_value(stop_token_id)}")
     if not isinstance(sampling, Sampling):
         raise ScanExportError(f"sampling must be a Sampling(...), got {describe_value(sampling)}")
     prompts = as_prompts(model, prompts)
+    check_cache_fits(model, len(prompts), max(map(len, prompts), default=0) + max_new_tokens)
     rng = np.random.default_rng(sampling.seed)
     out = [[] for _ in prompts]
     if max_new_tokens == 0 or not prompts:
