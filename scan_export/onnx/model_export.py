@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, GENAI_
                                 TOKENIZER_FILES)
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
-from .output_dir import HASHES, OWNER_FILE, hash_files, plan_output_dir, staged_output
+from .output_dir import HASHES, OWNER_FILE, check_room, hash_files, plan_output_dir, staged_output
 from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_block_size, check_quantize_args,
                        check_target_quantize, quantize_file)
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
@@ -181,6 +182,14 @@ def describe(cfg, dtype: str, target, node_count: int) -> dict:
     }
 
 
+def check_memory(need: int, what: str) -> None:
+    from ..resources import available_memory, human_bytes
+
+    have = available_memory()
+    if have is not None and need > have:
+        raise ScanExportError(f"{what}: would need {human_bytes(need)} of memory, {human_bytes(have)} is available")
+
+
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
                  example_seqlen: int = 8, lowering: str | None = None, scan_form: str | None = None,
@@ -204,7 +213,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     import torch
 
     from ..progress import silent
-    from ..reference.models import HYBRID_MODEL_TYPES, read_hf_config
+    from ..reference.models import HYBRID_MODEL_TYPES, checked_config
+    from ..reference.models.config import lower_bound_bytes
     from .export import export
     from .hybrid_contract import cache_names, describe_hybrid
     from .weights import DATA_SUFFIX, fake_model, model_bytes
@@ -215,7 +225,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         raise ScanExportError(f"scan_form: expected one of {list(SCAN_FORMS)}, got {scan_form!r}")
     check_quantize_args(quantize, block_size, accuracy_level, dtype)
     checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision)
-    model_type = read_hf_config(checkpoint_dir).get("model_type")
+    raw_config = checked_config(checkpoint_dir)  # one validation pass over config.json, before any work
+    model_type = raw_config.get("model_type")
     hybrid = model_type in HYBRID_MODEL_TYPES
     mamba2_scans = model_type == "mamba2" or (hybrid and model_type != "jamba")  # jamba's Mamba layers are Mamba-1
     if lowering not in (None, "portable") and not mamba2_scans:
@@ -235,12 +246,17 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"},
                            writes={MODEL_FILE, DESCRIPTION_FILE, *([GENAI_CONFIG_FILE] if tgt.genai else [])},
                            copies=copies)
+    least = lower_bound_bytes(raw_config, 2 if dtype == "fp16" else 4)
+    check_room(plan, least, single_file=least <= external_data_bytes)  # before anything is built
     progress = progress or silent
     progress("loading", 0, None)
     model, weights = fake_model(checkpoint_dir, getattr(torch, DTYPES[dtype]))  # parameters: fake tensors
     progress("loading", 1, 1)
     cfg = model.cfg
+    size = weights.total_bytes()  # what model.onnx(.data) will hold, from the checkpoint's headers
+    check_room(plan, size, single_file=size <= external_data_bytes)
     if QUANTIZE[quantize] is not None:
+        check_memory(2 * size, "--quantize (the fp32 weights and their quantized copy are in memory together)")
         check_block_size(block_size, cfg.hidden_size, bool(cfg.tie_word_embeddings))
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
     if hybrid:
@@ -282,6 +298,10 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         # Checked (full) where it is written; one file up to protobuf's limit, else + model.onnx.data.
         single_file = model_bytes(proto) <= external_data_bytes
         weights.finish(proto, staging / MODEL_FILE, single_file=single_file, progress=progress)
+        if weights.nonfinite:  # loadable, so a warning, once: the user may be exporting a broken fine-tune
+            more = f" (and {len(weights.nonfinite) - 1} more)" if len(weights.nonfinite) > 1 else ""
+            print(f"scan-export: warning: weight {weights.nonfinite[0]}{more} in {str(checkpoint_dir)!r} holds NaN "
+                  f"or Inf; the export's logits will be NaN", file=sys.stderr)
         if QUANTIZE[quantize] is not None:
             progress("quantizing", 0, None)
             record = quantize_file(staging / MODEL_FILE, QUANTIZE[quantize], block_size or DEFAULT_BLOCK_SIZE,

@@ -25,6 +25,7 @@ The rules (docs/cli.md, "Files scan-export writes"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import stat
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ScanExportError
+from ..resources import free_disk, human_bytes
 from ..runtime.contract import DESCRIPTION_FILE, FORMAT, LEGACY_FILES
 
 STAGING_PREFIX = ".scan-export-staging-"
@@ -267,6 +269,34 @@ def remove_stale_staging(parent: Path) -> None:
             print(f"scan-export: note: removed {p}, left behind by an export that was killed", file=sys.stderr)
 
 
+def _staging_parent(plan: OutputPlan) -> Path:
+    """The existing directory the staging directory is made in (or under, for new parents)."""
+    p = plan.dest if plan.mode == "merge" else plan.dest.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_room(plan: OutputPlan, nbytes: int, *, single_file: bool, what: str = "output directory") -> None:
+    """Before any work: the staging directory's parent is writable, and its file system has room
+    for nbytes of export, twice over when the export is one file (model.onnx is assembled from
+    model.onnx.data, both on disk until the data file goes). One line with the estimate otherwise."""
+    parent = _staging_parent(plan)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScanExportError(f"{what} {str(plan.dest)!r}: cannot write into {str(parent)!r} (read-only or "
+                              f"not yours); expected a directory you can write to")
+    need = 2 * nbytes if single_file else nbytes
+    free = free_disk(parent)
+    if free is not None and need > free:
+        twice = " (twice the model: model.onnx is assembled from its data file)" if single_file else ""
+        raise ScanExportError(f"{what} {str(plan.dest)!r}: the export would need {human_bytes(need)} free{twice}, "
+                              f"{str(parent)!r} has {human_bytes(free)}; free some space or choose another directory")
+
+
+# OSErrors that mean the output location, not a bug: reported as one line after cleaning up.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 class _Terminated(SystemExit):
     """SIGTERM / SIGHUP turned into an exception, so that cleanup code runs; exit code 128 + signal."""
 
@@ -344,7 +374,14 @@ def staged_output(plan: OutputPlan):
                 p.mkdir()
                 created.append(p)
     with signals_raise():
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=stage_parent))
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=stage_parent))
+        except OSError as e:
+            for p in reversed(created):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            raise ScanExportError(f"output directory {str(dest)!r}: cannot write into {str(stage_parent)!r} "
+                                  f"({e.strerror}); expected a directory you can write to") from None
         try:
             _write_owner(staging)
             yield staging
@@ -352,11 +389,14 @@ def staged_output(plan: OutputPlan):
             make_readable(staging)
             with _signals_held():
                 _commit(plan, staging)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
             for p in reversed(created):
                 with contextlib.suppress(OSError):
                     p.rmdir()
+            if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+                raise ScanExportError(f"output directory {str(dest)!r}: {e.strerror} while writing "
+                                      f"{e.filename or 'the export'}; nothing was left behind") from e
             raise
 
 

@@ -199,7 +199,7 @@ def fake_model(checkpoint_dir, dtype):
             if key not in made:
                 src = weights.sources[name_of[id(p)]]
                 if _numel(src.shape) <= limit:
-                    value = weights.read(src)
+                    value = weights.read(src, key)
                 else:
                     with FakeTensorMode(allow_non_fake_inputs=True):
                         value = torch.empty(src.shape, dtype=dtype)
@@ -230,6 +230,9 @@ class CheckpointWeights:
         self.sources, self.dtype = sources, dtype
         self.data_path: Path | None = None
         self.written: list[_Planned] = []
+        # Weights holding NaN or Inf, by name: loadable, but every logit downstream of them is NaN;
+        # export_model warns once, naming the first. Checked on each block as it streams past.
+        self.nonfinite: list[str] = []
 
     @property
     def base_dir(self) -> Path | None:
@@ -293,9 +296,17 @@ class CheckpointWeights:
 
         return t.to(torch.float32).to(self.dtype)  # what load_state_dict into float32, then .to(dtype) did
 
-    def read(self, src: TensorSource):
+    def read(self, src: TensorSource, name: str = "?"):
         """The whole tensor, converted: for small ones only."""
-        return self._convert(src.rows(0, src.shape[0] if src.shape else 1)).clone()
+        t = self._convert(src.rows(0, src.shape[0] if src.shape else 1)).clone()
+        self._check_finite(t, name)
+        return t
+
+    def _check_finite(self, t, name: str) -> None:
+        import torch
+
+        if t.is_floating_point() and name not in self.nonfinite and not bool(torch.isfinite(t).all()):
+            self.nonfinite.append(name)
 
     def _write(self, f, p: _Planned):
         """Write p's tensor at p.offset in blocks of rows; yield bytes written per block."""
@@ -306,6 +317,7 @@ class CheckpointWeights:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             block = self._convert(p.source.rows(r0, r1))
+            self._check_finite(block, p.name)
             if p.transpose:  # (rows, cols) -> (cols, rows): this block is columns r0..r1 of every output row
                 cols = shape[1]
                 out = block.T.contiguous().numpy()

@@ -65,3 +65,56 @@ def read_description(export_dir) -> dict:
     if model.stat().st_size == 0:
         raise ScanExportError(f"{model}: empty file, expected an ONNX model (re-run export-model)")
     return d
+
+
+# onnxruntime's type strings for the description's dtypes.
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
+
+
+def graph_mismatch(description: dict, session) -> str | None:
+    """The first way the graph onnxruntime loaded disagrees with scan_export.json (names, order,
+    dtypes, fixed dims, the vocab of the logits, the state list), or None. A model.onnx swapped in
+    from another export, or a scan op model, stops here with one line rather than deep in a run."""
+    for side, want, got in (("input", description["inputs"], session.get_inputs()),
+                            ("output", description["outputs"], session.get_outputs())):
+        graph = {g.name: g for g in got}
+        for w in want:
+            if not isinstance(w, dict) or not isinstance(w.get("name"), str):
+                return f"each of {side}s expected {{name, shape, dtype}}, got {describe_value(w)}"
+            g = graph.get(w["name"])
+            if g is None:
+                return f"{side} {w['name']!r} is in {DESCRIPTION_FILE} but not in the graph (graph {side}s: " \
+                       f"{describe_value([x.name for x in got])})"
+            if w.get("dtype") in ORT_TYPES and g.type != ORT_TYPES[w["dtype"]]:
+                return f"{side} {w['name']!r} has dtype {w['dtype']} in {DESCRIPTION_FILE}, {g.type} in the graph"
+            shape = w.get("shape")
+            if not isinstance(shape, list) or len(shape) != len(g.shape):
+                return f"{side} {w['name']!r} has shape {describe_value(shape)} in {DESCRIPTION_FILE}, {g.shape} in the graph"
+            for d, gd in zip(shape, g.shape):
+                if (isinstance(d, int) or isinstance(gd, int)) and d != gd:
+                    return f"{side} {w['name']!r} has shape {shape} in {DESCRIPTION_FILE}, {g.shape} in the graph"
+        extra = [g.name for g in got if g.name not in {w["name"] for w in want}]
+        if extra and side == "input":  # an input we would not feed
+            return f"graph input {extra[0]!r} is not in {DESCRIPTION_FILE}'s inputs"
+    logits = next((g for g in session.get_outputs() if g.name == "logits"), None)
+    if logits is None or not logits.shape or logits.shape[-1] != description["vocab_size"]:
+        return f"the graph's logits {logits.shape if logits else 'are missing'}, {DESCRIPTION_FILE} says vocab_size " \
+               f"{description['vocab_size']}"
+    names_in = {w["name"] for w in description["inputs"]}
+    names_out = {w["name"] for w in description["outputs"]}
+    for entry in description["state"]:
+        tensors = [t for t in entry.values() if isinstance(t, dict)] if isinstance(entry, dict) else [None]
+        for t in tensors:
+            if not isinstance(t, dict) or "input" not in t:
+                continue
+            if t["input"] not in names_in or t.get("output") not in names_out:
+                return f"state {describe_value(t.get('input'))} -> {describe_value(t.get('output'))} is not among " \
+                       f"the inputs and outputs"
+    return None
+
+
+def check_graph_matches(description: dict, session, model_path) -> None:
+    problem = graph_mismatch(description, session)
+    if problem:
+        raise ScanExportError(f"{model_path}: does not match its {DESCRIPTION_FILE}: {problem}; expected the "
+                              f"model.onnx written with it (re-run export-model)")

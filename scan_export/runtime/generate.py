@@ -25,8 +25,9 @@ import numpy as np
 
 from ..errors import ScanExportError, describe_value
 from .binding import BoundDecoder, PlainDecoder
-from .contract import ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, read_description  # noqa: F401 (re-exported)
-from .session import make_session
+from .contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, check_graph_matches,  # noqa: F401
+                       read_description)
+from .session import make_session, run_checked
 from .streaming import TextStreams
 from .tokenizer import load_tokenizer
 
@@ -72,7 +73,9 @@ class ExportedMamba:
         self.description = read_description(export_dir)
         self.export_dir = export_dir
         self.vocab_size = int(self.description["vocab_size"])
-        self.session = make_session(export_dir / self.description["model_file"], provider, threads=threads)
+        self.model_path = export_dir / self.description["model_file"]
+        self.session = make_session(self.model_path, provider, threads=threads)
+        check_graph_matches(self.description, self.session, self.model_path)
         state_names = {t["input"] for t in state_tensors(self.description)}
         self.state_inputs = [i for i in self.description["inputs"] if i["name"] in state_names]
         self.state_outputs = [o["name"] for o in self.description["outputs"] if o["name"] != "logits"]
@@ -146,7 +149,7 @@ class ExportedMamba:
             feeds[ATTENTION_MASK] = mask
         if self.takes_logits_to_keep:
             feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
-        logits, *new_state = self.session.run(["logits", *self.state_outputs], feeds)
+        logits, *new_state = run_checked(self.session, ["logits", *self.state_outputs], feeds, self.model_path)
         if self.takes_attention_mask:
             new_state.append(mask)
         if logits_to_keep and not self.takes_logits_to_keep:
