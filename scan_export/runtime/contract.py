@@ -26,8 +26,27 @@ LEGACY_FILES = [MODEL_FILE, MODEL_FILE + ".data", DESCRIPTION_FILE, *TOKENIZER_F
 # 4: hybrid models (KV caches, attention_mask), state tensors say how they start ("init").
 SUPPORTED_VERSIONS = (1, 2, 3, 4)
 STATE_DTYPES = ("float32", "float16")
+# The named (dynamic) dims a description uses; generate gives each its meaning (zero_state, prefill).
+DIM_NAMES = ("batch", "seqlen", "logits_len", "past_seqlen", "total_seqlen")
 REQUIRED = {"model_file": str, "model_type": str, "dtype": str, "vocab_size": int, "num_layers": int,
             "inputs": list, "outputs": list, "state": list}
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _tensor_entry_problem(entry) -> str | None:
+    """Why an inputs/outputs entry is not {name: str, shape: [str | int >= 0], dtype: known}, or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return "with a string name"
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(x in DIM_NAMES if isinstance(x, str) else
+                                              (isinstance(x, int) and not isinstance(x, bool) and x >= 0) for x in shape):
+        return f"with a shape of sizes >= 0 and dim names from {list(DIM_NAMES)}"
+    if entry["name"] != "input_ids" and entry.get("dtype") not in (*STATE_DTYPES, "int64"):
+        return f"with a dtype in {[*STATE_DTYPES, 'int64']}"
+    return None
 
 
 def read_description(export_dir) -> dict:
@@ -53,12 +72,27 @@ def read_description(export_dir) -> dict:
             raise ScanExportError(f"{path}: field {key!r} expected a {kind.__name__}, got {describe_value(d.get(key))}")
     if d["dtype"] not in STATE_DTYPES:
         raise ScanExportError(f"{path}: field 'dtype' expected one of {list(STATE_DTYPES)}, got {describe_value(d['dtype'])}")
-    for entry in d["inputs"]:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("shape"), list):
-            raise ScanExportError(f"{path}: each of 'inputs' expected {{name, shape, dtype}}, got {describe_value(entry)}")
-        if entry["name"] != "input_ids" and entry.get("dtype") not in (*STATE_DTYPES, "int64"):
-            raise ScanExportError(f"{path}: input {entry['name']!r} dtype expected one of "
-                                  f"{[*STATE_DTYPES, 'int64']}, got {describe_value(entry.get('dtype'))}")
+    for side in ("inputs", "outputs"):
+        for entry in d[side]:
+            problem = _tensor_entry_problem(entry)
+            if problem:
+                raise ScanExportError(f"{path}: each of {side!r} expected {{name, shape, dtype}} {problem}, got "
+                                      f"{describe_value(entry)}")
+    for entry in d["state"]:
+        tensors = [t for t in entry.values() if isinstance(t, dict)] if isinstance(entry, dict) else None
+        if tensors is None or any(not isinstance(t.get("input", ""), str) or not isinstance(t.get("output", ""), str)
+                                  for t in tensors):
+            raise ScanExportError(f"{path}: each of 'state' expected {{tensor: {{input, output, ...}}}} with names "
+                                  f"as strings, got {describe_value(entry)}")
+    if d["vocab_size"] < 1:
+        raise ScanExportError(f"{path}: field 'vocab_size' expected an int >= 1, got {describe_value(d['vocab_size'])}")
+    eos = d.get("eos_token_id")
+    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < d["vocab_size"]):
+        raise ScanExportError(f"{path}: field 'eos_token_id' expected null or a token id in [0, {d['vocab_size']}), "
+                              f"got {describe_value(eos)}")
+    if not _plain_name(d["model_file"]):
+        raise ScanExportError(f"{path}: field 'model_file' expected a file name inside the export directory, "
+                              f"got {describe_value(d['model_file'])}")
     model = export_dir / d["model_file"]
     if not model.is_file():
         raise ScanExportError(f"{model}: missing; {DESCRIPTION_FILE} names it as the model file")
