@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import ScanExportError
+
 
 def human_bytes(n: float) -> str:
     """4.0e15 -> '4.0 PB' (decimal units, as df -H and disk vendors count)."""
@@ -44,3 +46,11 @@ def free_disk(path) -> int | None:
         return shutil.disk_usage(p).free
     except OSError:
         return None
+
+
+def require_memory(need: int, what: str, advice: str) -> None:
+    """Refuse up front what would need more memory than is available: one line with the estimate."""
+    have = available_memory()
+    if have is not None and need > have:
+        raise ScanExportError(f"{what} would need {human_bytes(need)} of memory, {human_bytes(have)} is available; "
+                              f"{advice}")

@@ -271,6 +271,18 @@ def test_an_unwritable_out_is_one_line(built, tmp_path, capsys, monkeypatch):
     assert list(ro.iterdir()) == []
 
 
+def test_quantize_beyond_memory_is_refused_with_the_estimate(built, tmp_path, monkeypatch, capsys):
+    """A quantized export holds the weights in memory: refused up front when they cannot fit
+    (available memory stood in for: 1 kB)."""
+    import scan_export.resources as resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 1000)
+    assert main(["export-model", str(built["ckpt"]), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quantize int8 would need" in err[0] and "1.0 kB" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_nan_weights_export_with_one_warning_line(built, tmp_path, capsys):
     """NaN / Inf in a weight is loadable, so it exports, with one warning line naming the tensor."""
     import math

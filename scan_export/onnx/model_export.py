@@ -26,6 +26,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ScanExportError
+from ..resources import require_memory
 # The contract's names live with its reader.
 from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, GENAI_MODEL_TYPES, LOGITS_TO_KEEP, MODEL_FILE,
                                 TOKENIZER_FILES)
@@ -182,14 +183,6 @@ def describe(cfg, dtype: str, target, node_count: int) -> dict:
     }
 
 
-def check_memory(need: int, what: str) -> None:
-    from ..resources import available_memory, human_bytes
-
-    have = available_memory()
-    if have is not None and need > have:
-        raise ScanExportError(f"{what}: would need {human_bytes(need)} of memory, {human_bytes(have)} is available")
-
-
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
                  example_seqlen: int = 8, lowering: str | None = None, scan_form: str | None = None,
@@ -256,7 +249,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     size = weights.total_bytes()  # what model.onnx(.data) will hold, from the checkpoint's headers
     check_room(plan, size, single_file=size <= external_data_bytes)
     if QUANTIZE[quantize] is not None:
-        check_memory(2 * size, "--quantize (the fp32 weights and their quantized copy are in memory together)")
+        # The fp32 weights and their quantized copy are in memory together (quantize_file).
+        require_memory(2 * size, f"--quantize {quantize}", "export without --quantize, or on a larger machine")
         check_block_size(block_size, cfg.hidden_size, bool(cfg.tie_word_embeddings))
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
     if hybrid:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ..errors import ScanExportError
 from ..resources import free_disk, human_bytes
-from ..runtime.contract import DESCRIPTION_FILE, FORMAT, LEGACY_FILES
+from ..runtime.contract import DESCRIPTION_FILE, FORMAT, LEGACY_FILES, plain_name
 
 STAGING_PREFIX = ".scan-export-staging-"
 # In every staging directory until its files move into place: who is writing it (stale_staging).
@@ -68,12 +68,6 @@ def make_readable(root: Path) -> None:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
-
-
-def contained_name(name) -> bool:
-    """A manifest entry that names a file directly inside the export directory, nothing else."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
-            and "\\" not in name and "\0" not in name)
 
 
 def file_sha256(path) -> str:
@@ -128,8 +122,8 @@ def previous_export(directory: Path) -> PreviousExport | None:
     hashes = d.get(HASHES)
     if not isinstance(files, list):
         return None
-    hashes = {k: v for k, v in hashes.items() if contained_name(k)} if isinstance(hashes, dict) else {}
-    return PreviousExport({f for f in files if contained_name(f)} | {DESCRIPTION_FILE}, hashes)
+    hashes = {k: v for k, v in hashes.items() if plain_name(k)} if isinstance(hashes, dict) else {}
+    return PreviousExport({f for f in files if plain_name(f)} | {DESCRIPTION_FILE}, hashes)
 
 
 def previous_export_files(directory: Path) -> set[str] | None:

@@ -32,8 +32,10 @@ REQUIRED = {"model_file": str, "model_type": str, "dtype": str, "vocab_size": in
             "inputs": list, "outputs": list, "state": list}
 
 
-def _plain_name(name: str) -> bool:
-    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+def plain_name(name) -> bool:
+    """A name that means one file directly inside the export directory: no path, no NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
 
 
 def _tensor_entry_problem(entry) -> str | None:
@@ -90,7 +92,7 @@ def read_description(export_dir) -> dict:
     if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < d["vocab_size"]):
         raise ScanExportError(f"{path}: field 'eos_token_id' expected null or a token id in [0, {d['vocab_size']}), "
                               f"got {describe_value(eos)}")
-    if not _plain_name(d["model_file"]):
+    if not plain_name(d["model_file"]):
         raise ScanExportError(f"{path}: field 'model_file' expected a file name inside the export directory, "
                               f"got {describe_value(d['model_file'])}")
     model = export_dir / d["model_file"]
@@ -109,7 +111,10 @@ def graph_mismatch(description: dict, session) -> str | None:
     """The first way the graph onnxruntime loaded disagrees with scan_export.json (names, order,
     dtypes, fixed dims, the vocab of the logits, the state list), or None. A model.onnx swapped in
     from another export, or a scan op model, stops here with one line rather than deep in a run."""
-    for side, want, got in (("input", description["inputs"], session.get_inputs()),
+    # An input backed by an initializer (the genai target's logits_to_keep, which has a "default")
+    # is an overridable initializer to onnxruntime, not one of its inputs.
+    inputs = [*session.get_inputs(), *session.get_overridable_initializers()]
+    for side, want, got in (("input", description["inputs"], inputs),
                             ("output", description["outputs"], session.get_outputs())):
         graph = {g.name: g for g in got}
         for w in want:

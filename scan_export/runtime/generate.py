@@ -307,13 +307,10 @@ def cache_bytes_per_token(model: ExportedMamba) -> int:
 
 def check_cache_fits(model: ExportedMamba, batch: int, tokens: int) -> None:
     """Refuse, before any work, a generation whose KV caches alone would not fit in memory."""
-    from ..resources import available_memory, human_bytes
+    from ..resources import require_memory
 
-    need = cache_bytes_per_token(model) * batch * tokens
-    have = available_memory()
-    if need and have is not None and need > have:
-        raise ScanExportError(f"max_new_tokens: {tokens} tokens x {batch} rows would need {human_bytes(need)} of "
-                              f"KV cache, {human_bytes(have)} of memory is available; generate fewer tokens")
+    require_memory(cache_bytes_per_token(model) * batch * tokens,
+                   f"max_new_tokens: {tokens} tokens x {batch} rows of KV cache", "generate fewer tokens")
 
 
 def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
