@@ -70,6 +70,9 @@ nonneg_int = _int_at_least(0)
 _chunk_size = _int_at_least(1, MAX_CHUNK_SIZE, " (the chunked graph grows with T squared)")
 # runtime.generate.MAX_NEW_TOKENS, written out for the same reason as SCAN_CHUNK_SIZE (tests/test_cli.py).
 MAX_NEW_TOKENS = 1_000_000
+# Every count a user gives is bounded, so that a typo (an extra few zeros) is refused, not run for days.
+token_count = _int_at_least(1, MAX_NEW_TOKENS)
+repeat_count = _int_at_least(1, 1000)
 
 
 def require_flag(args, needs: str, flags: dict) -> None:
@@ -160,7 +163,7 @@ def _add_bench(sub):
                    help="peak RSS and time of export-model on a 130m-shaped and a 3.3 GB checkpoint (random weights)")
     p.add_argument("--regime", default=None, choices=["easy", "init", "heavy"],
                    help="scan and --ssd only: the input regime (default: init)")
-    p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per contender (default: 5; 3 with --model)")
+    p.add_argument("--repeats", type=repeat_count, default=None, help="timed runs per contender (default: 5; 3 with --model)")
     p.add_argument("--chunk-size", type=_chunk_size, default=None,
                    help=f"scan only: the chunked form's T, at most {MAX_CHUNK_SIZE} (default: 16)")
     p.add_argument("--plain", action="store_const", const=True, default=None,
@@ -171,8 +174,8 @@ def _add_bench(sub):
     p.add_argument("--model-type", default=None, choices=["mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h",
                                                           "falcon_h1", "jamba", "zamba2"],
                    help="with --model (default: mamba)")
-    p.add_argument("--prefill-len", type=positive_int, default=None, help="with --model: prompt tokens (default: 512)")
-    p.add_argument("--decode-tokens", type=positive_int, default=None,
+    p.add_argument("--prefill-len", type=token_count, default=None, help="with --model: prompt tokens (default: 512)")
+    p.add_argument("--decode-tokens", type=token_count, default=None,
                    help="with --model: decode steps timed (default: 32)")
     p.add_argument("--quantize", default=None,
                    help="with --model: comma-separated from int8,int4: also time these exports next to fp32 (prefill, "
@@ -413,7 +416,7 @@ def _add_verify(sub):
     p = sub.add_parser("verify", help="judge an export against transformers in float64 on its checkpoint")
     p.add_argument("export_dir", help="a directory written by export-model")
     p.add_argument("--checkpoint", required=True, help="the HF checkpoint directory the export was made from")
-    p.add_argument("--tokens", type=positive_int, default=32, help="greedy tokens compared per prompt")
+    p.add_argument("--tokens", type=token_count, default=32, help="greedy tokens compared per prompt")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
     p.add_argument("--rtol", type=_float_in(0, math.inf, high_open=True), default=None,
                    help="a fixed bar on each output's relative error (max|err| / max|ref|) against "
@@ -440,7 +443,7 @@ def _add_demo(sub):
     p.add_argument("--workdir", default=None,
                    help="keep the checkpoint and export here: a new or empty directory, or an earlier demo's "
                         "(default: a temporary directory, removed afterwards)")
-    p.add_argument("--tokens", type=positive_int, default=20, help="greedy tokens to generate")
+    p.add_argument("--tokens", type=token_count, default=20, help="greedy tokens to generate")
     p.set_defaults(func=cmd_demo)
 
 
@@ -454,7 +457,7 @@ def _add_doctor(sub):
     p = sub.add_parser("doctor", help="report the onnxruntime build and providers, and run check and generate on each")
     p.add_argument("--provider", action="append", choices=["cpu", "cuda"], default=None,
                    help="provider to exercise; repeat for several (default: every one this build has)")
-    p.add_argument("--tokens", type=positive_int, default=16, help="greedy tokens per generation")
+    p.add_argument("--tokens", type=token_count, default=16, help="greedy tokens per generation")
     p.set_defaults(func=cmd_doctor)
 
 

@@ -194,6 +194,8 @@ ROWS = [
     ("gen-genai-on-a-hybrid", lambda t, b: _edit_json((e := _export(t, b)) / "scan_export.json", lambda d: {**d, "model_type": "bamba"}) or _gen(e, "--engine", "genai"), "genai runs only"),
     ("scan-chunk-size-huge", lambda t, b: ["scan", "--scan-form", "chunked", "--chunk-size", str(10**11), "--out", str(t / "s.onnx")], "--chunk-size"),
     ("bench-json-missing-folder", lambda t, b: ["bench", "--json", str(t / "nope" / "r.json")], "--json"),
+    ("verify-tokens-1e11", lambda t, b: ["verify", str(_export(t, b)), "--checkpoint", str(b["ckpt"]), "--tokens", str(10**11)], "--tokens"),
+    ("bench-repeats-1e9", lambda t, b: ["bench", "--repeats", str(10**9)], "--repeats"),
     ("bench-configs-empty", lambda t, b: ["bench", "--model", "--configs", ""], "--configs"),
 ]
 
