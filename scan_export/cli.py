@@ -17,6 +17,9 @@ PROG = "scan-export"
 # reference.DEFAULT_CHUNK_SIZE, written out: building the parser must not import torch (generate runs
 # without it); tests/test_cli.py checks the two agree.
 SCAN_CHUNK_SIZE = 16
+# The chunked form's graph holds (T, T) constants: T = 4096 builds in ~4 s and 64 MB, 2**20 took
+# 4 minutes (measured); a chunk longer than the sequences it runs on only adds padding.
+MAX_CHUNK_SIZE = 4096
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,14 +31,17 @@ class _Parser(argparse.ArgumentParser):
         raise ScanExportError(f"{sub + ': ' if sub else ''}{message} (see {self.prog} --help)")
 
 
-def _int_at_least(low: int):
+def _int_at_least(low: int, high: int | None = None, why: str = ""):
+    """An integer >= low (and <= high, `why` saying where that bound comes from)."""
+    expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]{why}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {low}"
@@ -61,6 +67,12 @@ def _float_in(low: float, high: float, low_open: bool = True, high_open: bool = 
 
 positive_int = _int_at_least(1)
 nonneg_int = _int_at_least(0)
+_chunk_size = _int_at_least(1, MAX_CHUNK_SIZE, " (the chunked graph grows with T squared)")
+# runtime.generate.MAX_NEW_TOKENS, written out for the same reason as SCAN_CHUNK_SIZE (tests/test_cli.py).
+MAX_NEW_TOKENS = 1_000_000
+# Every count a user gives is bounded, so that a typo (an extra few zeros) is refused, not run for days.
+token_count = _int_at_least(1, MAX_NEW_TOKENS)
+repeat_count = _int_at_least(1, 1000)
 
 
 def require_flag(args, needs: str, flags: dict) -> None:
@@ -85,8 +97,9 @@ def _add_scan(sub):
     p.add_argument("--no-softplus", dest="delta_softplus", action="store_false", help="use delta as given, no softplus")
     p.add_argument("--scan-form", default=DEFAULT_SCAN_FORM, choices=list(SCAN_FORMS),
                    help="a Scan over time steps (sequential) or a Loop over chunks (chunked)")
-    p.add_argument("--chunk-size", type=positive_int, default=None,
-                   help=f"the chunked form's T; only with --scan-form chunked (default when chunked: {SCAN_CHUNK_SIZE})")
+    p.add_argument("--chunk-size", type=_chunk_size, default=None,
+                   help=f"the chunked form's T, at most {MAX_CHUNK_SIZE}; only with --scan-form chunked "
+                        f"(default when chunked: {SCAN_CHUNK_SIZE})")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "float64"], help="I/O dtype")
     p.add_argument("--target", default="portable", choices=sorted(TARGETS), help="runtime to target (sets IR version and opset)")
     p.add_argument("--opset", type=_int_at_least(1), default=None, help="override the target's opset")
@@ -150,9 +163,9 @@ def _add_bench(sub):
                    help="peak RSS and time of export-model on a 130m-shaped and a 3.3 GB checkpoint (random weights)")
     p.add_argument("--regime", default=None, choices=["easy", "init", "heavy"],
                    help="scan and --ssd only: the input regime (default: init)")
-    p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per contender (default: 5; 3 with --model)")
-    p.add_argument("--chunk-size", type=positive_int, default=None,
-                   help="scan only: the chunked form's T (default: 16)")
+    p.add_argument("--repeats", type=repeat_count, default=None, help="timed runs per contender (default: 5; 3 with --model)")
+    p.add_argument("--chunk-size", type=_chunk_size, default=None,
+                   help=f"scan only: the chunked form's T, at most {MAX_CHUNK_SIZE} (default: 16)")
     p.add_argument("--plain", action="store_const", const=True, default=None,
                    help="scan only: also time a module exported by plain torch.onnx.export against our export()")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here (a new file, or one bench wrote)")
@@ -161,8 +174,8 @@ def _add_bench(sub):
     p.add_argument("--model-type", default=None, choices=["mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h",
                                                           "falcon_h1", "jamba", "zamba2"],
                    help="with --model (default: mamba)")
-    p.add_argument("--prefill-len", type=positive_int, default=None, help="with --model: prompt tokens (default: 512)")
-    p.add_argument("--decode-tokens", type=positive_int, default=None,
+    p.add_argument("--prefill-len", type=token_count, default=None, help="with --model: prompt tokens (default: 512)")
+    p.add_argument("--decode-tokens", type=token_count, default=None,
                    help="with --model: decode steps timed (default: 32)")
     p.add_argument("--quantize", default=None,
                    help="with --model: comma-separated from int8,int4: also time these exports next to fp32 (prefill, "
@@ -198,7 +211,7 @@ def cmd_bench(args):
     if args.ssd or args.model:
         require_flag(args, "the Mamba-1 scan bench (no --ssd, no --model)", {"plain": "--plain"})
     if args.json_path is not None:
-        check_output_file(args.json_path, ours=_bench_json_is_ours, what="--json")
+        check_output_file(args.json_path, ours=_bench_json_is_ours, what="--json", parent_must_exist=True)
     if args.export_memory:
         from .bench import bench_export_memory, format_export_memory_bench
 
@@ -210,7 +223,7 @@ def cmd_bench(args):
         results = bench_ssd(regime=args.regime or "init", repeats=args.repeats or 5)
         print(format_ssd_bench(results))
     elif args.model:
-        configs = tuple(c.strip() for c in (args.configs or "tiny,130m").split(",") if c.strip())
+        configs = tuple(c.strip() for c in ("tiny,130m" if args.configs is None else args.configs).split(",") if c.strip())
         if not configs:
             raise ScanExportError(f"bench: --configs expected names from tiny,130m, got {args.configs!r}")
         quantize = tuple(q.strip() for q in (args.quantize or "").split(",") if q.strip())
@@ -295,7 +308,8 @@ def _add_generate(sub):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text, tokenized with the export's tokenizer.json")
     src.add_argument("--input-ids", help="comma-separated token ids, e.g. 5,6,7")
-    p.add_argument("--max-new-tokens", type=nonneg_int, required=True, help="tokens to generate at most")
+    p.add_argument("--max-new-tokens", type=_int_at_least(0, MAX_NEW_TOKENS), required=True,
+                   help=f"tokens to generate at most, up to {MAX_NEW_TOKENS:,}")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=_float_in(0, math.inf, high_open=True), default=None,
                    help="with --do-sample: divide the logits by this (default: 1.0)")
@@ -338,6 +352,19 @@ def parse_input_ids(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
+def _utf8_text(text: str) -> str:
+    """A shell argument as valid text: Python keeps undecodable bytes as lone surrogates, which the
+    tokenizer cannot take; one line naming --prompt instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise ScanExportError(f"--prompt: expected UTF-8 text, got the byte {raw[e.start:e.start + 1]!r} at byte "
+                              f"{len(text[:e.start].encode('utf-8', 'surrogateescape'))} (check the terminal's "
+                              f"encoding, or pass --input-ids)") from None
+    return text
+
+
 def cmd_generate(args):
     import json
 
@@ -351,7 +378,7 @@ def cmd_generate(args):
     model = model_class(args.export_dir, args.provider)
     if args.prompt is not None:
         tokenizer = load_tokenizer(args.export_dir, required=True, needed_by="--prompt")
-        ids = tokenizer.encode(args.prompt).ids
+        ids = tokenizer.encode(_utf8_text(args.prompt)).ids
         if not ids:
             raise ScanExportError(f"--prompt {args.prompt!r} encodes to no tokens; expected text giving at least one token")
     else:
@@ -389,7 +416,7 @@ def _add_verify(sub):
     p = sub.add_parser("verify", help="judge an export against transformers in float64 on its checkpoint")
     p.add_argument("export_dir", help="a directory written by export-model")
     p.add_argument("--checkpoint", required=True, help="the HF checkpoint directory the export was made from")
-    p.add_argument("--tokens", type=positive_int, default=32, help="greedy tokens compared per prompt")
+    p.add_argument("--tokens", type=token_count, default=32, help="greedy tokens compared per prompt")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
     p.add_argument("--rtol", type=_float_in(0, math.inf, high_open=True), default=None,
                    help="a fixed bar on each output's relative error (max|err| / max|ref|) against "
@@ -418,7 +445,7 @@ def _add_demo(sub):
     p.add_argument("--workdir", default=None,
                    help="keep the checkpoint and export here: a new or empty directory, or an earlier demo's "
                         "(default: a temporary directory, removed afterwards)")
-    p.add_argument("--tokens", type=positive_int, default=20, help="greedy tokens to generate")
+    p.add_argument("--tokens", type=token_count, default=20, help="greedy tokens to generate")
     p.set_defaults(func=cmd_demo)
 
 
@@ -432,7 +459,7 @@ def _add_doctor(sub):
     p = sub.add_parser("doctor", help="report the onnxruntime build and providers, and run check and generate on each")
     p.add_argument("--provider", action="append", choices=["cpu", "cuda"], default=None,
                    help="provider to exercise; repeat for several (default: every one this build has)")
-    p.add_argument("--tokens", type=positive_int, default=16, help="greedy tokens per generation")
+    p.add_argument("--tokens", type=token_count, default=16, help="greedy tokens per generation")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -484,9 +511,10 @@ def _one_line(message: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
+    debug = False  # set once parsing succeeded: a usage mistake stays one line even with --debug
     try:
         args = build_parser().parse_args(argv)
+        debug = args.debug
         return args.func(args)
     except ScanExportError as e:
         if debug:

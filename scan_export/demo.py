@@ -14,11 +14,36 @@ from pathlib import Path
 
 
 DEMO_ENTRIES = {"checkpoint", "export"}
+# In workdir/checkpoint: {file: sha256} of what the demo wrote there, so that a later demo rewrites
+# only files it can prove are its own.
+CHECKPOINT_RECORD = ".scan-export-demo.json"
+
+
+def _record_checkpoint(ckpt: Path) -> None:
+    from .onnx.output_dir import hash_files
+
+    names = [p.name for p in ckpt.iterdir() if p.is_file() and p.name != CHECKPOINT_RECORD]
+    (ckpt / CHECKPOINT_RECORD).write_text(json.dumps({"written_by": "scan-export demo", "sha256": hash_files(ckpt, names)}))
+
+
+def _unproven_checkpoint_files(ckpt: Path) -> list[str]:
+    """The entries of an earlier demo's checkpoint folder that the demo cannot prove it wrote."""
+    from .onnx.output_dir import is_ours
+
+    try:
+        hashes = json.loads((ckpt / CHECKPOINT_RECORD).read_text()).get("sha256")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        hashes = None
+    entries = sorted(p.name for p in ckpt.iterdir() if p.name != CHECKPOINT_RECORD)
+    if not isinstance(hashes, dict):
+        return entries
+    return [n for n in entries if not is_ours(ckpt / n, hashes.get(n))]
 
 
 def check_workdir(workdir) -> None:
     """The demo writes workdir/checkpoint and workdir/export: refuse a workdir holding anything
-    else, so that no file of the user's is ever overwritten (an earlier demo's workdir is fine)."""
+    else, or an earlier demo's folder whose files no longer match what that demo wrote (hashes),
+    so that no file of the user's is ever overwritten."""
     from .errors import ScanExportError
     from .onnx.output_dir import previous_export_files
 
@@ -32,6 +57,14 @@ def check_workdir(workdir) -> None:
     if entries and not earlier:
         raise ScanExportError(f"--workdir {str(workdir)!r} holds files the demo did not write "
                               f"({', '.join(sorted(entries)[:3])}); expected a new, empty, or earlier demo's directory")
+    ckpt = root / "checkpoint"
+    if ckpt.is_symlink() or (ckpt.exists() and not ckpt.is_dir()):
+        raise ScanExportError(f"--workdir {str(workdir)!r}: checkpoint is not a folder the demo wrote; "
+                              f"expected a new, empty, or earlier demo's directory")
+    if ckpt.is_dir() and (bad := _unproven_checkpoint_files(ckpt)):
+        raise ScanExportError(f"--workdir {str(workdir)!r}: checkpoint/{bad[0]} is not what an earlier demo wrote "
+                              f"(its hash does not match, or the record is missing); the demo would overwrite it, "
+                              f"expected a new, empty, or unchanged earlier demo's directory")
 
 
 def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=None) -> bool:
@@ -48,6 +81,7 @@ def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=No
         say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
         t0 = time.perf_counter()
         ckpt = make_tiny_checkpoint(root / "checkpoint", model_type)
+        _record_checkpoint(ckpt)
         cfg = json.loads((ckpt / "config.json").read_text())
         layers = cfg.get("num_hidden_layers") or len(cfg.get("layers_block_type") or [])  # nemotron_h: the pattern's
         say(f"1. checkpoint   {ckpt}  ({model_type}, {layers} layers, "

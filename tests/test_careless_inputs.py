@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -26,9 +27,10 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("careless")
     ckpt = make_tiny_checkpoint(root / "ckpt", "mamba")
     export = export_model(ckpt, root / "export")
+    fp16 = export_model(ckpt, root / "export-fp16", dtype="fp16")
     scan = root / "scan.onnx"
     assert main(["scan", "--dim", "16", "--dstate", "4", "--out", str(scan)]) == 0
-    return {"ckpt": ckpt, "export": export, "scan": scan}
+    return {"ckpt": ckpt, "export": export, "fp16": fp16, "scan": scan}
 
 
 def _ckpt(tmp, built, name="ckpt"):
@@ -51,6 +53,38 @@ def _truncate(path, keep=100):
 def _drop_field(d, key):
     d.pop(key)
     return d
+
+
+def _config(t, b, **fields):
+    """A copy of the checkpoint whose config.json has these fields set; the export-model argv."""
+    _edit_json((c := _ckpt(t, b)) / "config.json", lambda d: {**d, **fields})
+    return ["export-model", str(c), "--out", str(t / "o")]
+
+
+def _transposed(t, b, name="backbone.layers.0.mixer.x_proj.weight"):
+    from safetensors.torch import load_file, save_file
+
+    c = _ckpt(t, b)
+    d = load_file(str(c / "model.safetensors"))
+    d[name] = d[name].T.contiguous()
+    save_file(d, str(c / "model.safetensors"), metadata={"format": "pt"})
+    return ["export-model", str(c), "--out", str(t / "o")]
+
+
+def _with_tokenizer(t, b):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    e = _export(t, b)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(e / "tokenizer.json"))
+    return e
+
+
+def _swap_model(t, b, source):
+    e = _export(t, b)
+    shutil.copyfile(source, e / "model.onnx")
+    return _gen(e)
 
 
 def _gen(e, *extra):
@@ -134,6 +168,35 @@ ROWS = [
     ("demo-tokens-zero", lambda t, b: ["demo", "--tokens", "0"], "--tokens"),
     ("demo-workdir-foreign", lambda t, b: (t / "wd").mkdir() or (t / "wd" / "thesis.tex").write_text("mine") and ["demo", "--workdir", str(t / "wd")], "--workdir"),
     ("unknown-command", lambda t, b: ["exprot-model"], "exprot-model"),
+    ("debug-alone", lambda t, b: ["--debug"], "COMMAND"),
+    # ---- issue 21: hostile configs (one schema pass before any work), sizes, flags, swapped files
+    ("export-config-hidden-1e9", lambda t, b: _config(t, b, hidden_size=10**9), "hidden_size"),
+    ("export-config-eps-a-string", lambda t, b: _config(t, b, layer_norm_epsilon="1e-5"), "layer_norm_epsilon"),
+    ("export-config-layers-true", lambda t, b: _config(t, b, num_hidden_layers=True), "num_hidden_layers"),
+    ("export-config-layers-1e6", lambda t, b: _config(t, b, num_hidden_layers=10**6), "num_hidden_layers"),
+    ("export-config-eos-outside-vocab", lambda t, b: _config(t, b, eos_token_id=999), "eos_token_id"),
+    ("export-config-bos-negative", lambda t, b: _config(t, b, bos_token_id=-1), "bos_token_id"),
+    ("export-config-use-bias-a-string", lambda t, b: _config(t, b, use_bias="no"), "use_bias"),
+    ("export-config-too-big-for-the-disk", lambda t, b: _config(t, b, vocab_size=4_000_000, hidden_size=131072), "would need"),
+    ("export-transposed-weight", lambda t, b: _transposed(t, b), "x_proj"),
+    ("export-opset-999", lambda t, b: ["export-model", str(_ckpt(t, b)), "--out", str(t / "o"), "--opset", "999"], "opset"),
+    ("export-opset-30", lambda t, b: ["export-model", str(_ckpt(t, b)), "--out", str(t / "o"), "--opset", "30"], "opset"),
+    ("export-block-size-2-40", lambda t, b: ["export-model", str(_ckpt(t, b)), "--out", str(t / "o"), "--quantize", "int4", "--block-size", str(2**40)], "--block-size"),
+    ("export-block-size-above-hidden", lambda t, b: ["export-model", str(_ckpt(t, b)), "--out", str(t / "o"), "--quantize", "int4", "--block-size", "128"], "--block-size"),
+    ("export-force-over-users-model", lambda t, b: (t / "w").mkdir() or (t / "w" / "model.onnx").write_text("mine") and ["export-model", str(_ckpt(t, b)), "--out", str(t / "w"), "--force"], "model.onnx"),
+    ("gen-prompt-invalid-utf8", lambda t, b: ["generate", str(_with_tokenizer(t, b)), "--prompt", b"\xff\xfehi".decode("utf-8", "surrogateescape"), "--max-new-tokens", "2"], "--prompt"),
+    ("gen-max-new-tokens-1e20", lambda t, b: _gen(_export(t, b))[:-2] + ["--max-new-tokens", str(10**20)], "--max-new-tokens"),
+    ("gen-model-from-another-export", lambda t, b: _swap_model(t, b, b["fp16"] / "model.onnx"), "model.onnx"),
+    ("gen-model-is-a-scan-op-model", lambda t, b: _swap_model(t, b, b["scan"]), "model.onnx"),
+    ("gen-desc-vocab-disagrees", lambda t, b: _edit_json((e := _export(t, b)) / "scan_export.json", lambda d: {**d, "vocab_size": 300}) or _gen(e), "vocab_size"),
+    ("gen-desc-state-disagrees", lambda t, b: _edit_json((e := _export(t, b)) / "scan_export.json", lambda d: {**d, "state": [{"x": {"input": "past.9.x", "output": "present.9.x"}}]}) or _gen(e), "state"),
+    ("gen-desc-shape-disagrees", lambda t, b: _edit_json((e := _export(t, b)) / "scan_export.json", lambda d: {**d, "inputs": [d["inputs"][0], {**d["inputs"][1], "shape": ["batch", 5, 128]}, *d["inputs"][2:]]}) or _gen(e), "shape"),
+    ("gen-genai-without-its-config", lambda t, b: _gen(_export(t, b), "--engine", "genai"), "--target genai"),
+    ("scan-chunk-size-huge", lambda t, b: ["scan", "--scan-form", "chunked", "--chunk-size", str(10**11), "--out", str(t / "s.onnx")], "--chunk-size"),
+    ("bench-json-missing-folder", lambda t, b: ["bench", "--json", str(t / "nope" / "r.json")], "--json"),
+    ("verify-tokens-1e11", lambda t, b: ["verify", str(_export(t, b)), "--checkpoint", str(b["ckpt"]), "--tokens", str(10**11)], "--tokens"),
+    ("bench-repeats-1e9", lambda t, b: ["bench", "--repeats", str(10**9)], "--repeats"),
+    ("bench-configs-empty", lambda t, b: ["bench", "--model", "--configs", ""], "--configs"),
 ]
 
 
@@ -168,6 +231,74 @@ def test_cuda_without_cuda_is_one_line(built, capsys):
     assert main(_gen(built["export"], "--provider", "cuda")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDAExecutionProvider" in err[0]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(built, tmp_path, monkeypatch, capsys):
+    """ENOSPC half-way through writing the model (simulated: the disk of this machine is not full)."""
+    import errno
+
+    import scan_export.onnx.weights as weights
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "model.onnx"))
+
+    monkeypatch.setattr(weights.CheckpointWeights, "finish", full)
+    (tmp_path / "keep.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    assert main(["export-model", str(built["ckpt"]), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+def test_an_unwritable_out_is_one_line(built, tmp_path, capsys, monkeypatch):
+    """A read-only parent: refused before any work. Root writes through a 0555 mode bit, so there
+    the kernel's answer is stood in for: os.access (what the check asks) says no."""
+    import os
+
+    import scan_export.onnx.output_dir as output_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(output_dir.os, "access", lambda p, m, **k: False if Path(p) == ro else real(p, m, **k))
+    ro.chmod(0o555)
+    try:
+        assert main(["export-model", str(built["ckpt"]), "--out", str(ro / "o")]) == 2
+    finally:
+        ro.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0]
+    assert list(ro.iterdir()) == []
+
+
+def test_quantize_beyond_memory_is_refused_with_the_estimate(built, tmp_path, monkeypatch, capsys):
+    """A quantized export holds the weights in memory: refused up front when they cannot fit
+    (available memory stood in for: 1 kB)."""
+    import scan_export.resources as resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 1000)
+    assert main(["export-model", str(built["ckpt"]), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quantize int8 would need" in err[0] and "1.0 kB" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_weights_export_with_one_warning_line(built, tmp_path, capsys):
+    """NaN / Inf in a weight is loadable, so it exports, with one warning line naming the tensor."""
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    c = _ckpt(tmp_path, built)
+    d = load_file(str(c / "model.safetensors"))
+    d["backbone.layers.1.mixer.in_proj.weight"][3, 3] = math.nan
+    d["backbone.layers.1.mixer.D"][0] = math.inf
+    save_file(d, str(c / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["export-model", str(c), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "backbone.layers.1.mixer.D" in err[0] and "1 more" in err[0], err
 
 
 def test_debug_shows_the_traceback(built, tmp_path):

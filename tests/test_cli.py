@@ -88,8 +88,9 @@ def test_every_flag_has_help_with_its_default():
     """`scan-export X --help` documents every flag; a flag with a meaningful default shows it."""
     import argparse
 
-    from scan_export.cli import SCAN_CHUNK_SIZE
+    from scan_export.cli import MAX_NEW_TOKENS, SCAN_CHUNK_SIZE
     from scan_export.reference import DEFAULT_CHUNK_SIZE
+    from scan_export.runtime.generate import MAX_NEW_TOKENS as RUNTIME_MAX_NEW_TOKENS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -104,6 +105,7 @@ def test_every_flag_has_help_with_its_default():
                 assert "default" in p._get_formatter()._get_help_string(action), (name, action.dest)
         assert "(default:" in text or name == "check"
     assert SCAN_CHUNK_SIZE == DEFAULT_CHUNK_SIZE
+    assert MAX_NEW_TOKENS == RUNTIME_MAX_NEW_TOKENS
 
 
 def test_version(capsys):

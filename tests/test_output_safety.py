@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -89,10 +90,11 @@ def test_previous_export_is_replaced_and_only_its_files_removed(ckpt, tmp_path):
     out = tmp_path / "out"
     export_model(ckpt, out)
     (out / "README-mine.md").write_text("keep me")
-    # A file the previous export listed but this one won't write: it must go (it was ours).
+    # A file the previous export listed (with its hash) but this one won't write: it must go (it was ours).
     desc = json.loads((out / DESCRIPTION_FILE).read_text())
     (out / "model.onnx.data").write_bytes(b"stale weights")
     desc["files"].append("model.onnx.data")
+    desc["sha256"]["model.onnx.data"] = hashlib.sha256(b"stale weights").hexdigest()
     (out / DESCRIPTION_FILE).write_text(json.dumps(desc))
     old_model = (out / "model.onnx").stat().st_mtime_ns
     time.sleep(0.01)

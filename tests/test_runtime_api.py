@@ -113,8 +113,9 @@ def test_bad_prompts_name_the_argument(model, prompts, message):
 def test_other_bad_arguments(model, dirs):
     cases = [
         (lambda: generate(ExportedMamba(dirs["plain"]), "hello", N), r"a str in prompts needs .*plain/tokenizer\.json"),
-        (lambda: generate(model, IDS, -1), r"max_new_tokens must be an int >= 0, got -1"),
-        (lambda: generate(model, IDS, 2.0), r"max_new_tokens must be an int >= 0, got 2\.0"),
+        (lambda: generate(model, IDS, -1), r"max_new_tokens must be an int in \[0, 1000000\], got -1"),
+        (lambda: generate(model, IDS, 2.0), r"max_new_tokens must be an int in \[0, 1000000\], got 2\.0"),
+        (lambda: generate(model, IDS, 10**20), r"max_new_tokens must be an int in \[0, 1000000\], got 1000000"),
         (lambda: generate(model, IDS, N, stop_token_id="eos"), r"stop_token_id must be an int token id or None"),
         (lambda: generate(model, IDS, N, sampling={"do_sample": True}), r"sampling must be a Sampling\(\.\.\.\)"),
         (lambda: Sampling(do_sample=True, temperature=0), r"temperature must be > 0 when sampling, got 0"),

@@ -19,19 +19,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import onnx
 
 from ..errors import ScanExportError
+from ..resources import require_memory
 # The contract's names live with its reader.
 from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, MODEL_FILE,
                                 TOKENIZER_FILES)
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
-from .output_dir import plan_output_dir, staged_output
-from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_quantize_args,
+from .output_dir import HASHES, OWNER_FILE, check_room, hash_files, plan_output_dir, staged_output
+from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_block_size, check_quantize_args,
                        check_target_quantize, quantize_file)
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 
@@ -41,7 +43,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16"}
 # appeared. State inputs are the ones `state` names. 3: `files` lists every file the export wrote
 # (a later export into the same directory removes exactly those). 4: hybrid models (bamba,
 # granitemoehybrid): KV caches and attention_mask; every state tensor says how it starts ("init")
-# and each `state` entry its layer's "kind".
+# and each `state` entry its layer's "kind". Still 4: `sha256` ({file: hash} of every file but
+# scan_export.json, output_dir.py) is one more key, which readers of version 4 ignore.
 FORMAT_VERSION = 4
 # The genai target's logits_to_keep default: every position, the logits shape genai binds.
 GENAI_LOGITS_TO_KEEP = 0
@@ -203,7 +206,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     import torch
 
     from ..progress import silent
-    from ..reference.models import HYBRID_MODEL_TYPES, read_hf_config
+    from ..reference.models import HYBRID_MODEL_TYPES, checked_config
+    from ..reference.models.config import lower_bound_bytes
     from .export import export
     from .hybrid_contract import cache_names, describe_hybrid
     from .weights import DATA_SUFFIX, fake_model, model_bytes
@@ -214,7 +218,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         raise ScanExportError(f"scan_form: expected one of {list(SCAN_FORMS)}, got {scan_form!r}")
     check_quantize_args(quantize, block_size, accuracy_level, dtype)
     checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision)
-    model_type = read_hf_config(checkpoint_dir).get("model_type")
+    raw_config = checked_config(checkpoint_dir)  # one validation pass over config.json, before any work
+    model_type = raw_config.get("model_type")
     hybrid = model_type in HYBRID_MODEL_TYPES
     mamba2_scans = model_type == "mamba2" or (hybrid and model_type != "jamba")  # jamba's Mamba layers are Mamba-1
     if lowering not in (None, "portable") and not mamba2_scans:
@@ -227,12 +232,23 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     scan_form = scan_form or DEFAULT_SCAN_FORM
     tgt = resolve_target(target, opset, lowering=lowering)
     check_target_quantize(tgt, quantize)
-    plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"})
+    copies = {name: Path(checkpoint_dir) / name for name in TOKENIZER_FILES if (Path(checkpoint_dir) / name).is_file()}
+    plan = plan_output_dir(out_dir, force=force, protected={checkpoint_dir: "the checkpoint directory being exported"},
+                           writes={MODEL_FILE, DESCRIPTION_FILE, *([GENAI_CONFIG_FILE] if tgt.genai else [])},
+                           copies=copies)
+    least = lower_bound_bytes(raw_config, 2 if dtype == "fp16" else 4)
+    check_room(plan, least, single_file=least <= external_data_bytes)  # before anything is built
     progress = progress or silent
     progress("loading", 0, None)
     model, weights = fake_model(checkpoint_dir, getattr(torch, DTYPES[dtype]))  # parameters: fake tensors
     progress("loading", 1, 1)
     cfg = model.cfg
+    size = weights.total_bytes()  # what model.onnx(.data) will hold, from the checkpoint's headers
+    check_room(plan, size, single_file=size <= external_data_bytes)
+    if QUANTIZE[quantize] is not None:
+        # The fp32 weights and their quantized copy are in memory together (quantize_file).
+        require_memory(2 * size, f"--quantize {quantize}", "export without --quantize, or on a larger machine")
+        check_block_size(block_size, cfg.hidden_size, bool(cfg.tie_word_embeddings))
     example_ids = torch.zeros(2, example_seqlen, dtype=torch.long)
     if hybrid:
         # A few cached positions in the example keep past_seqlen dynamic (0 and 1 would specialize).
@@ -264,12 +280,19 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
                 input_names=input_names, output_names=["logits", *(o for _, o in names)],
                 weights=weights, progress=progress,
             )
+        written_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        if written_opset != tgt.opset:  # a bug (resolve_target bounds the opset): never describe what we did not write
+            raise RuntimeError(f"asked the exporter for opset {tgt.opset}, it wrote {written_opset}")
         add_logits_to_keep(proto, default=GENAI_LOGITS_TO_KEEP if tgt.genai else None)
         description = (describe_hybrid if hybrid else describe)(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
         name_dims(proto, description)
         # Checked (full) where it is written; one file up to protobuf's limit, else + model.onnx.data.
         single_file = model_bytes(proto) <= external_data_bytes
         weights.finish(proto, staging / MODEL_FILE, single_file=single_file, progress=progress)
+        if weights.nonfinite:  # loadable, so a warning, once: the user may be exporting a broken fine-tune
+            more = f" (and {len(weights.nonfinite) - 1} more)" if len(weights.nonfinite) > 1 else ""
+            print(f"scan-export: warning: weight {weights.nonfinite[0]}{more} in {str(checkpoint_dir)!r} holds NaN "
+                  f"or Inf; the export's logits will be NaN", file=sys.stderr)
         if QUANTIZE[quantize] is not None:
             progress("quantizing", 0, None)
             record = quantize_file(staging / MODEL_FILE, QUANTIZE[quantize], block_size or DEFAULT_BLOCK_SIZE,
@@ -284,10 +307,11 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         if tgt.genai:
             genai = genai_config(description, MODEL_FILE, checkpoint_dir)
             (staging / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2))
-        for name in TOKENIZER_FILES:
-            src = Path(checkpoint_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, staging / name)  # not copy2: the source's 0600 must not carry over
-        description["files"] = sorted([p.name for p in staging.iterdir()] + [DESCRIPTION_FILE])
+        for name, src in copies.items():
+            shutil.copyfile(src, staging / name)  # not copy2: the source's 0600 must not carry over
+        written = sorted(p.name for p in staging.iterdir() if p.name != OWNER_FILE)
+        description["files"] = sorted([*written, DESCRIPTION_FILE])
+        # What proves a file ours to a later export into this directory (output_dir.py).
+        description[HASHES] = hash_files(staging, written)
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
     return plan.dest

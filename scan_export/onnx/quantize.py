@@ -67,6 +67,17 @@ def check_quantize_args(quantize: str, block_size: int | None, accuracy_level: i
                               f"supported by scan-export")
 
 
+def check_block_size(block_size: int | None, hidden_size: int, tied: bool, flag: str = "--block-size") -> None:
+    """The block must fit the model: a tied embedding is read back by GatherBlockQuantized in whole
+    blocks of hidden (so the block divides hidden_size), and a block longer than hidden only pads
+    (2**40 tried to allocate 1 PiB). Checked once the config is read, before any tracing."""
+    size = block_size or DEFAULT_BLOCK_SIZE
+    if size > hidden_size or (tied and hidden_size % size):
+        need = "divides" if tied else "is at most"
+        raise ScanExportError(f"{flag}: expected a power of two that {need} the model's hidden_size {hidden_size}"
+                              f"{' (its embedding is tied to the lm_head)' if tied else ''}, got {size}")
+
+
 def _quantizer():
     """onnxruntime's quantizer module, with its per-node INFO lines (it sets up logging at INFO on
     import) turned down to warnings."""

@@ -46,6 +46,14 @@ LOWERING_MIN_OPSET = {"portable": MIN_OPSET, "native": 27}
 DEFAULT_TARGET = "portable"
 
 
+def max_opset() -> int:
+    """The newest default-domain opset this onnx package defines: torch's exporter cannot write a
+    later one (it fell back to an older opset while the description claimed the asked-for one)."""
+    import onnx
+
+    return onnx.defs.onnx_opset_version()
+
+
 def resolve_target(target: str = DEFAULT_TARGET, opset: int | None = None, ir_version: int | None = None,
                    lowering: str = "portable") -> Target:
     """A named target, optionally with the opset or IR version raised or lowered by the user.
@@ -59,6 +67,9 @@ def resolve_target(target: str = DEFAULT_TARGET, opset: int | None = None, ir_ve
     opset = base.opset if opset is None else opset
     if opset < MIN_OPSET:
         raise ScanExportError(f"opset must be >= {MIN_OPSET} for scan_export lowerings, got {opset}")
+    if opset > max_opset():
+        raise ScanExportError(f"opset must be <= {max_opset()} (the newest this onnx defines, and onnxruntime "
+                              f"runs), got {opset}")
     need = LOWERING_MIN_OPSET[lowering]
     if opset < need:
         able = sorted(t.name for t in TARGETS.values() if t.opset >= need)

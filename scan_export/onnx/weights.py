@@ -24,6 +24,7 @@ independent of the model's size (measured in README, "Export memory").
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ def fake_model(checkpoint_dir, dtype):
             if key not in made:
                 src = weights.sources[name_of[id(p)]]
                 if _numel(src.shape) <= limit:
-                    value = weights.read(src)
+                    value = weights.read(src, key)
                 else:
                     with FakeTensorMode(allow_non_fake_inputs=True):
                         value = torch.empty(src.shape, dtype=dtype)
@@ -230,6 +231,9 @@ class CheckpointWeights:
         self.sources, self.dtype = sources, dtype
         self.data_path: Path | None = None
         self.written: list[_Planned] = []
+        # Weights holding NaN or Inf, by name: loadable, but every logit downstream of them is NaN;
+        # export_model warns once, naming the first. Checked on each block as it streams past.
+        self.nonfinite: list[str] = []
 
     @property
     def base_dir(self) -> Path | None:
@@ -288,14 +292,22 @@ class CheckpointWeights:
                 self.written.append(p)
         progress("writing weights", total, total)
 
-    def _convert(self, t):
+    def _convert(self, t, name: str | None = None):
+        """t in the export dtype, through float32: what load_state_dict into float32, then .to(dtype)
+        did. With a name, a NaN or Inf in it is recorded (self.nonfinite)."""
         import torch
 
-        return t.to(torch.float32).to(self.dtype)  # what load_state_dict into float32, then .to(dtype) did
+        t = t.to(torch.float32)
+        if name is not None and name not in self.nonfinite and t.numel():
+            # One sum (~10x faster than isfinite().all(), which writes a mask) is NaN or Inf when any
+            # element is; a finite block whose sum overflowed is told apart by the exact check.
+            if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+                self.nonfinite.append(name)
+        return t.to(self.dtype)
 
-    def read(self, src: TensorSource):
+    def read(self, src: TensorSource, name: str | None = None):
         """The whole tensor, converted: for small ones only."""
-        return self._convert(src.rows(0, src.shape[0] if src.shape else 1)).clone()
+        return self._convert(src.rows(0, src.shape[0] if src.shape else 1), name).clone()
 
     def _write(self, f, p: _Planned):
         """Write p's tensor at p.offset in blocks of rows; yield bytes written per block."""
@@ -305,7 +317,7 @@ class CheckpointWeights:
         step = max(1, BLOCK_BYTES // row_bytes)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            block = self._convert(p.source.rows(r0, r1))
+            block = self._convert(p.source.rows(r0, r1), p.name)
             if p.transpose:  # (rows, cols) -> (cols, rows): this block is columns r0..r1 of every output row
                 cols = shape[1]
                 out = block.T.contiguous().numpy()

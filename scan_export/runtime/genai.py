@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ScanExportError
-from .generate import DESCRIPTION_FILE, FORMAT, Sampling
+from .contract import read_description
+from .generate import DESCRIPTION_FILE, FORMAT, Sampling  # noqa: F401 (re-exported)
 
 GENAI_CONFIG_FILE = "genai_config.json"
 PROVIDERS = ("cpu", "cuda")
@@ -40,13 +41,7 @@ class GenaiModel:
 
     def __init__(self, export_dir, provider: str = "cpu"):
         export_dir = Path(export_dir)
-        desc_path = export_dir / DESCRIPTION_FILE
-        if not desc_path.is_file():
-            raise ScanExportError(f"export_dir {str(export_dir)!r} has no {DESCRIPTION_FILE}; "
-                                  f"is it a scan-export export-model output?")
-        self.description = json.loads(desc_path.read_text())
-        if self.description.get("format") != FORMAT:
-            raise ScanExportError(f"{desc_path} has format {self.description.get('format')!r}, expected {FORMAT!r}")
+        self.description = read_description(export_dir)  # checked field by field, one line naming the field
         config_path = export_dir / GENAI_CONFIG_FILE
         if not config_path.is_file():
             raise ScanExportError(f"export_dir {str(export_dir)!r} has no {GENAI_CONFIG_FILE} (target "

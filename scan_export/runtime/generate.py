@@ -25,12 +25,16 @@ import numpy as np
 
 from ..errors import ScanExportError, describe_value
 from .binding import BoundDecoder, PlainDecoder
-from .contract import ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, read_description  # noqa: F401 (re-exported)
-from .session import make_session
+from .contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, check_graph_matches,  # noqa: F401
+                       read_description)
+from .session import make_session, run_checked
 from .streaming import TextStreams
 from .tokenizer import load_tokenizer
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+# The most tokens one generate() call adds per row: a count that cannot finish (10**20) is refused
+# up front rather than looping for ever; a million tokens is hours of decoding on any host.
+MAX_NEW_TOKENS = 1_000_000
 PROMPTS_EXPECTED = ("a str, a list of str, token ids (a list of ints or a 1-D integer array), or one row of "
                     "token ids per prompt (a list of lists of ints or a 2-D integer array)")
 
@@ -69,7 +73,9 @@ class ExportedMamba:
         self.description = read_description(export_dir)
         self.export_dir = export_dir
         self.vocab_size = int(self.description["vocab_size"])
-        self.session = make_session(export_dir / self.description["model_file"], provider, threads=threads)
+        self.model_path = export_dir / self.description["model_file"]
+        self.session = make_session(self.model_path, provider, threads=threads)
+        check_graph_matches(self.description, self.session, self.model_path)
         state_names = {t["input"] for t in state_tensors(self.description)}
         self.state_inputs = [i for i in self.description["inputs"] if i["name"] in state_names]
         self.state_outputs = [o["name"] for o in self.description["outputs"] if o["name"] != "logits"]
@@ -143,7 +149,7 @@ class ExportedMamba:
             feeds[ATTENTION_MASK] = mask
         if self.takes_logits_to_keep:
             feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
-        logits, *new_state = self.session.run(["logits", *self.state_outputs], feeds)
+        logits, *new_state = run_checked(self.session, ["logits", *self.state_outputs], feeds, self.model_path)
         if self.takes_attention_mask:
             new_state.append(mask)
         if logits_to_keep and not self.takes_logits_to_keep:
@@ -289,6 +295,24 @@ def _token_row(model: ExportedMamba, p, row: int) -> list[int]:
     return ids
 
 
+def cache_bytes_per_token(model: ExportedMamba) -> int:
+    """Bytes the KV caches grow by per token of one row (0 for recurrent-only exports): every state
+    tensor with a past_seqlen axis, plus the int64 attention mask."""
+    total = 0
+    for s in model.state_inputs:
+        if "past_seqlen" in s["shape"]:
+            total += int(np.prod([d for d in s["shape"] if isinstance(d, int)])) * np.dtype(NP_DTYPES[s["dtype"]]).itemsize
+    return total + (8 if model.takes_attention_mask and total else 0)
+
+
+def check_cache_fits(model: ExportedMamba, batch: int, tokens: int) -> None:
+    """Refuse, before any work, a generation whose KV caches alone would not fit in memory."""
+    from ..resources import require_memory
+
+    require_memory(cache_bytes_per_token(model) * batch * tokens,
+                   f"max_new_tokens: {tokens} tokens x {batch} rows of KV cache", "generate fewer tokens")
+
+
 def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
              sampling: Sampling = Sampling(), stop_token_id: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
@@ -308,13 +332,14 @@ def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
 
     Thread-safe: many threads may call generate on one shared model at once (see ExportedMamba).
     """
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ScanExportError(f"max_new_tokens must be an int >= 0, got {describe_value(max_new_tokens)}")
+    if not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ScanExportError(f"max_new_tokens must be an int in [0, {MAX_NEW_TOKENS}], got {describe_value(max_new_tokens)}")
     if stop_token_id is not None and not _is_int(stop_token_id):
         raise ScanExportError(f"stop_token_id must be an int token id or None, got {describe_value(stop_token_id)}")
     if not isinstance(sampling, Sampling):
         raise ScanExportError(f"sampling must be a Sampling(...), got {describe_value(sampling)}")
     prompts = as_prompts(model, prompts)
+    check_cache_fits(model, len(prompts), max(map(len, prompts), default=0) + max_new_tokens)
     rng = np.random.default_rng(sampling.seed)
     out = [[] for _ in prompts]
     if max_new_tokens == 0 or not prompts:

@@ -80,3 +80,15 @@ def run_on_device(session, feeds: dict[str, np.ndarray], output_names=None) -> l
         binding.bind_output(name, "cuda", 0)
     session.run_with_iobinding(binding)
     return [v.numpy() for v in binding.get_outputs()]
+
+
+def run_checked(session, names, feeds, model_path):
+    """session.run, with onnxruntime's own failures (a graph that loads but cannot run, e.g. a
+    damaged model.onnx) as one line naming the file; anything else keeps its traceback."""
+    try:
+        return session.run(names, feeds)
+    except Exception as e:
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ScanExportError(f"{model_path}: onnxruntime could not run it ({first[:300]})") from e

@@ -8,7 +8,7 @@ one file per family (mamba.py, bamba.py, granitemoehybrid.py, nemotron_h.py, fal
 from .config import (ATTENTION, FFN, MAMBA, MAMBA1, PARALLEL, SUPPORTED_MODEL_TYPES, AttentionDims, HybridConfig, Mamba2Dims,
                      MambaLMConfig, RopeSpec, _json_float)
 from .hybrid import HybridLM
-from .loading import (all_model_types, hybrid_families, load_hf_state_dict, load_hybrid_lm, load_mamba_lm,
+from .loading import (all_model_types, checked_config, hybrid_families, load_hf_state_dict, load_hybrid_lm, load_mamba_lm,
                       load_model, read_hf_config, read_mamba_config, checkpoint_names, model_blueprint)
 from .mamba import Backbone, MambaBlock, MambaLM
 from .mamba_mixers import Mamba2Mixer, MambaMixer
@@ -17,7 +17,7 @@ from .norms import GatedRMSNorm, RMSNorm, _rms_normalize, weightless_rms
 HYBRID_MODEL_TYPES = ("bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "zamba2")
 
 __all__ = ["ATTENTION", "FFN", "MAMBA", "MAMBA1", "PARALLEL", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
-           "Mamba2Dims", "MambaLMConfig", "RopeSpec", "_json_float", "HybridLM", "all_model_types", "hybrid_families",
+           "Mamba2Dims", "MambaLMConfig", "RopeSpec", "_json_float", "HybridLM", "all_model_types", "checked_config", "hybrid_families",
            "load_hf_state_dict", "load_hybrid_lm", "read_mamba_config", "checkpoint_names", "model_blueprint", "load_mamba_lm", "load_model", "read_hf_config", "Backbone",
            "MambaBlock", "MambaLM", "Mamba2Mixer", "MambaMixer", "GatedRMSNorm", "RMSNorm", "_rms_normalize",
            "weightless_rms"]

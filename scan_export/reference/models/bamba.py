@@ -8,7 +8,7 @@ from torch import nn
 
 from ...errors import ScanExportError
 from .attention import Attention
-from .config import (ATTENTION, MAMBA, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float,
+from .config import (HYBRID_SCHEMA, ATTENTION, MAMBA, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float,
                      rope_spec)
 from .hybrid import HybridLM
 from .mamba_mixers import Mamba2Mixer
@@ -16,6 +16,9 @@ from .mlp import GatedMLP
 from .norms import RMSNorm
 
 MODEL_TYPE = "bamba"
+
+# config.json fields checked before anything is built (config.check_schema): the hybrid ones, plus this family's.
+SCHEMA = HYBRID_SCHEMA
 
 
 def mamba2_dims(raw: dict, eps: float) -> Mamba2Dims:

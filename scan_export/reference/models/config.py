@@ -2,12 +2,91 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 from ...errors import ScanExportError
 from .activations import read_activation
 
 SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
+
+# ------------------------------------------------------------------------------------------------
+# config.json field schemas: {field: (kind, low, high)}, checked in one pass (check_schema) before
+# anything is built. Kinds: "int" (booleans are not integers), "bool", "num" (finite, int or float,
+# low < x <= high), "rank" (an int, or "auto"), "token" (an id in [0, vocab_size), or a list of them).
+# A field left out, or null, is left to the reader's default. The upper bounds are far above every
+# released model (widest hidden 16k, most layers 126, largest vocab 262k) and keep a count that
+# cannot finish (num_hidden_layers 10**6 built modules for ever) from starting.
+MAX_WIDTH, MAX_VOCAB, MAX_LAYERS, MAX_SMALL = 1 << 17, 1 << 22, 1024, 1 << 12
+COMMON_SCHEMA = {
+    "vocab_size": ("int", 1, MAX_VOCAB), "hidden_size": ("int", 1, MAX_WIDTH),
+    "num_hidden_layers": ("int", 1, MAX_LAYERS), "intermediate_size": ("int", 0, 1 << 20),
+    "tie_word_embeddings": ("bool", None, None), "eos_token_id": ("token", None, None),
+    "bos_token_id": ("token", None, None), "layer_norm_epsilon": ("num", 0, 1), "rms_norm_eps": ("num", 0, 1),
+}
+MAMBA_SCHEMA = {
+    **COMMON_SCHEMA, "state_size": ("int", 1, MAX_SMALL), "conv_kernel": ("int", 2, 64), "expand": ("num", 0, 64),
+    "time_step_rank": ("rank", 1, MAX_WIDTH), "use_bias": ("bool", None, None), "use_conv_bias": ("bool", None, None),
+    "mixer_rms_eps": ("num", 0, 1), "num_heads": ("int", 1, MAX_SMALL), "head_dim": ("int", 1, MAX_SMALL),
+    "n_groups": ("int", 1, MAX_SMALL), "chunk_size": ("int", 1, 1 << 14),
+}
+# The fields every hybrid family shares (each family module adds its own: SCHEMA there).
+HYBRID_SCHEMA = {
+    **COMMON_SCHEMA, "num_attention_heads": ("int", 1, MAX_SMALL), "num_key_value_heads": ("int", 1, MAX_SMALL),
+    "head_dim": ("int", 1, MAX_SMALL), "mamba_n_heads": ("int", 1, MAX_SMALL), "mamba_d_head": ("int", 1, MAX_SMALL),
+    "mamba_d_state": ("int", 1, MAX_SMALL), "mamba_d_conv": ("int", 2, 64), "mamba_expand": ("num", 0, 64),
+    "mamba_n_groups": ("int", 1, MAX_SMALL), "mamba_chunk_size": ("int", 1, 1 << 14),
+    "mamba_conv_bias": ("bool", None, None), "mamba_proj_bias": ("bool", None, None),
+    "attention_bias": ("bool", None, None), "mlp_bias": ("bool", None, None),
+    "num_local_experts": ("int", 0, MAX_SMALL), "num_experts_per_tok": ("int", 0, MAX_SMALL),
+}
+
+
+def check_schema(raw: dict, schema: dict) -> None:
+    """One pass over config.json's fields against schema; ScanExportError naming the first bad
+    field, what was expected and what arrived."""
+    vocab = raw.get("vocab_size")
+    for key, (kind, low, high) in schema.items():
+        v = raw.get(key)
+        if v is None:
+            continue
+        if kind == "rank" and v == "auto":
+            continue
+        if kind == "token":
+            ids = v if isinstance(v, list) else [v]
+            top = vocab if _is_int(vocab) else MAX_VOCAB
+            if not ids or not all(_is_int(i) and 0 <= i < top for i in ids):
+                raise ScanExportError(f"field {key!r}: expected a token id in [0, {top}) (vocab_size) or a list of "
+                                      f"them, got {_show(v)}")
+            continue
+        if kind == "bool":
+            ok, want = isinstance(v, bool), "true or false"
+        elif kind == "num":
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low < v <= high)
+            want = f"a number in ({low:g}, {high:g}]"
+        else:  # int, rank
+            ok, want = _is_int(v) and low <= v <= high, f"an integer in [{low}, {high}]" + (" or \"auto\"" if kind == "rank" else "")
+        if not ok:
+            raise ScanExportError(f"field {key!r}: expected {want}, got {_show(v)}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(v) -> str:
+    text = json.dumps(v) if isinstance(v, (bool, str, list, dict)) or v is None else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def lower_bound_bytes(raw: dict, itemsize: int) -> int:
+    """A lower bound on the weights config.json asks for: the embedding table (and an untied lm_head
+    as large), in every family; checked against free disk and memory before anything is built."""
+    vocab, hidden = raw.get("vocab_size"), raw.get("hidden_size")
+    if not (_is_int(vocab) and _is_int(hidden)):
+        return 0
+    return vocab * hidden * itemsize * (1 if raw.get("tie_word_embeddings", True) else 2)
 
 
 @dataclass(frozen=True)

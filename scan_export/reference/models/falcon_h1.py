@@ -25,12 +25,15 @@ from ...errors import ScanExportError
 from ..custom_ops import causal_conv, mamba_chunk_scan_combined
 from .attention import Attention
 from .bamba import attention_heads, check_activation
-from .config import PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
+from .config import HYBRID_SCHEMA, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
 from .hybrid import HybridLM
 from .mlp import GatedMLP
 from .norms import RMSNorm, _rms_normalize
 
 MODEL_TYPE = "falcon_h1"
+
+# config.json fields checked before anything is built (config.check_schema): the hybrid ones, plus this family's.
+SCHEMA = {**HYBRID_SCHEMA, "mamba_d_ssm": ("int", 1, 1 << 20), "projectors_bias": ("bool", None, None)}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch import nn
 from ...errors import ScanExportError
 from .attention import Attention
 from .bamba import attention_heads, check_activation, mamba2_dims
-from .config import MAMBA, AttentionDims, HybridConfig, eos_id, layer_kinds, rope_spec
+from .config import HYBRID_SCHEMA, MAMBA, AttentionDims, HybridConfig, eos_id, layer_kinds, rope_spec
 from .hybrid import HybridLM
 from .mamba_mixers import Mamba2Mixer
 from .mlp import FusedGatedMLP
@@ -19,6 +19,11 @@ from .moe import TopKMoE
 from .norms import RMSNorm
 
 MODEL_TYPE = "granitemoehybrid"
+
+# config.json fields checked before anything is built (config.check_schema): the hybrid ones, plus this family's.
+SCHEMA = {**HYBRID_SCHEMA, "shared_intermediate_size": ("int", 0, 1 << 20), "embedding_multiplier": ("num", 0, 1e6),
+                         "residual_multiplier": ("num", 0, 1e6), "logits_scaling": ("num", 0, 1e6),
+                         "attention_multiplier": ("num", 0, 1e6)}
 POSITION_EMBEDDING_TYPES = (None, "rope", "nope")
 
 

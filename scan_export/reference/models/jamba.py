@@ -25,13 +25,16 @@ from ...errors import ScanExportError
 from ..moe_op import moe_experts
 from .attention import Attention
 from .bamba import attention_heads, check_activation
-from .config import ATTENTION, MAMBA1, AttentionDims, HybridConfig, Mamba1Dims, eos_id
+from .config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, MAMBA1, AttentionDims, HybridConfig, Mamba1Dims, eos_id
 from .hybrid import HybridLM
 from .mamba_mixers import MambaMixer
 from .mlp import GatedMLP
 from .norms import RMSNorm
 
 MODEL_TYPE = "jamba"
+
+# config.json fields checked before anything is built (config.check_schema): the hybrid ones, plus this family's.
+SCHEMA = {**HYBRID_SCHEMA, "mamba_dt_rank": ("rank", 1, 1 << 17), "num_experts": ("int", 0, MAX_SMALL)}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ...errors import ScanExportError, read_json_object
-from .config import SUPPORTED_MODEL_TYPES, MambaLMConfig
+from .config import MAMBA_SCHEMA, SUPPORTED_MODEL_TYPES, MambaLMConfig, check_schema
 from .mamba import MambaLM
 
 
@@ -57,11 +57,21 @@ def load_hf_state_dict(checkpoint_dir) -> dict[str, torch.Tensor]:
     raise ScanExportError(f"checkpoint_dir {str(path)!r} has no weights (*.safetensors or pytorch_model*.bin)")
 
 
-def _parse_config(checkpoint_dir, parse):
-    """parse(config.json's dict), with a missing field or a bad value reported as one line naming the file."""
+def checked_config(checkpoint_dir) -> dict:
+    """config.json after its family's field schema (one line naming the file and field otherwise):
+    the one validation pass export_model runs before any work."""
+    raw = read_hf_config(checkpoint_dir)
+    family = hybrid_families().get(raw.get("model_type"))
+    return _parse_config(checkpoint_dir, lambda r: r, family.SCHEMA if family else MAMBA_SCHEMA)
+
+
+def _parse_config(checkpoint_dir, parse, schema):
+    """parse(config.json's dict) after one pass of the family's field schema (config.check_schema),
+    with a missing field or a bad value reported as one line naming the file."""
     cfg_path = Path(checkpoint_dir) / "config.json"
     raw = read_hf_config(checkpoint_dir)
     try:
+        check_schema(raw, schema)
         return parse(raw)
     except KeyError as e:
         raise ScanExportError(f"{cfg_path}: required field {e.args[0]!r} is missing") from None
@@ -95,7 +105,7 @@ def read_mamba_config(checkpoint_dir) -> MambaLMConfig:
         cfg.check()
         return cfg
 
-    return _parse_config(checkpoint_dir, parse)
+    return _parse_config(checkpoint_dir, parse, MAMBA_SCHEMA)
 
 
 def checkpoint_names(checkpoint_dir, cfg: MambaLMConfig, shapes: dict, wanted: dict) -> dict[str, str]:
@@ -210,7 +220,7 @@ def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
     if family is None:
         raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
                               f"{sorted(families)}, got {raw.get('model_type')!r}")
-    model = _parse_config(checkpoint_dir, family.build)
+    model = _parse_config(checkpoint_dir, family.build, family.SCHEMA)
     state = stacked_tensors(checkpoint_dir, load_hf_state_dict(checkpoint_dir), stack_rows)
     state = {new: state[k] for new, k in _renamed(family, state).items()}
     _load_weights(model, state, checkpoint_dir)
@@ -237,7 +247,7 @@ def model_blueprint(checkpoint_dir):
         return (lambda: MambaLM(cfg)), names
 
     raw = read_hf_config(checkpoint_dir)
-    _parse_config(checkpoint_dir, family.build)  # config mistakes surface here, before any tracing
+    _parse_config(checkpoint_dir, family.build, family.SCHEMA)  # config mistakes surface here, before any tracing
 
     def names(model, shapes):
         renamed = _renamed(family, shapes)  # our name -> checkpoint name (stacked ones: stacked_tensors)

@@ -27,12 +27,19 @@ from torch import nn
 from ...errors import ScanExportError
 from ..moe_op import moe_experts
 from .attention import Attention
-from .config import ATTENTION, FFN, MAMBA, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float
+from .config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, FFN, MAMBA, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float
 from .hybrid import HybridLM
 from .mamba_mixers import Mamba2Mixer
 from .norms import _rms_normalize
 
 MODEL_TYPE = "nemotron_h"
+
+# config.json fields checked before anything is built (config.check_schema): the hybrid ones, plus this family's.
+SCHEMA = {**HYBRID_SCHEMA, "ssm_state_size": ("int", 1, MAX_SMALL), "mamba_num_heads": ("int", 1, MAX_SMALL),
+                         "mamba_head_dim": ("int", 1, MAX_SMALL), "n_groups": ("int", 1, MAX_SMALL),
+                         "conv_kernel": ("int", 2, 64), "chunk_size": ("int", 1, 1 << 14),
+                         "n_routed_experts": ("int", 0, MAX_SMALL), "moe_intermediate_size": ("int", 0, 1 << 20),
+                         "use_bias": ("bool", None, None), "use_conv_bias": ("bool", None, None)}
 # layers_block_type values (current and legacy) -> (cache kind, mixer)
 BLOCK_TYPES = {"linear_attention": (MAMBA, "mamba"), "mamba": (MAMBA, "mamba"),
                "full_attention": (ATTENTION, "attention"), "attention": (ATTENTION, "attention"),

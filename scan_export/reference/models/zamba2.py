@@ -41,12 +41,16 @@ from torch import nn
 
 from ...errors import ScanExportError
 from .attention import Attention, allowed_keys, positions_from_mask
-from .config import MAMBA, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
+from .config import HYBRID_SCHEMA, MAMBA, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
 from .hybrid import HybridLM
 from .mamba_mixers import Mamba2Mixer
 from .norms import RMSNorm
 
 MODEL_TYPE = "zamba2"
+
+# config.json fields checked before anything is built (config.check_schema): the hybrid ones, plus this family's.
+SCHEMA = {**HYBRID_SCHEMA, "add_bias_linear": ("bool", None, None), "use_mem_rope": ("bool", None, None),
+                         "use_shared_attention_adapter": ("bool", None, None)}
 # transformers' name for the layer that runs the shared block, then its Mamba-2 mixer
 HYBRID = "hybrid"
 GATED_NORM_EPS = 1e-5  # Zamba2MambaMixer hard-codes it (not rms_norm_eps)
