@@ -16,6 +16,15 @@ from __future__ import annotations
 
 from ..runtime.contract import ATTENTION_MASK, FORMAT, LOGITS_TO_KEEP, MODEL_FILE
 
+# scan_export.json's version, for every model type (model_export.describe writes the pure-Mamba ones).
+# 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner), and the input logits_to_keep
+# appeared. State inputs are the ones `state` names. 3: `files` lists every file the export wrote
+# (a later export into the same directory removes exactly those). 4: hybrid models (bamba,
+# granitemoehybrid): KV caches and attention_mask; every state tensor says how it starts ("init")
+# and each `state` entry its layer's "kind". Still 4: `sha256` ({file: hash} of every file but
+# scan_export.json, output_dir.py) is one more key, which readers of version 4 ignore.
+FORMAT_VERSION = 4
+
 KV_MEANING = ("keys (after RoPE) / values of every cached position, oldest first; a new sequence starts "
               "with past_seqlen 0; present = past followed by this call's seqlen positions (axis 2)")
 
@@ -38,9 +47,19 @@ ENTRY_KINDS = {"mamba": "mamba2", "attention": "attention", "parallel": "mamba2+
                "mamba1": "mamba"}
 
 
-def describe_hybrid(cfg, dtype: str, target, node_count: int) -> dict:
-    from .model_export import FORMAT_VERSION, mamba_state_entry
+def mamba_state_entry(i: int, conv_shape, ssm_shape, dtype: str) -> dict:
+    return {
+        "conv_state": {"input": f"past.{i}.conv_state", "output": f"present.{i}.conv_state",
+                       "shape": ["batch", *conv_shape], "dtype": dtype, "init": "zeros",
+                       "meaning": "the last K-1 inputs of the depthwise conv, oldest first, channels last"},
+        "ssm_state": {"input": f"past.{i}.ssm_state", "output": f"present.{i}.ssm_state",
+                      "shape": ["batch", *ssm_shape], "dtype": "float32", "init": "zeros",
+                      "meaning": "the scan state h: (d_state, d_inner) for Mamba-1 (channels last), "
+                                 "(heads, head_dim, d_state) for Mamba-2"},
+    }
 
+
+def describe_hybrid(cfg, dtype: str, target, node_count: int) -> dict:
     conv_shape, ssm_shape = cfg.mamba.state_shapes()
     a = cfg.attention
     state, ins, outs = [], [], []

@@ -32,6 +32,7 @@ from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS
                                 TOKENIZER_FILES)
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
+from .hybrid_contract import FORMAT_VERSION, cache_names, describe_hybrid, mamba_state_entry
 from .output_dir import HASHES, OWNER_FILE, check_room, hash_files, plan_output_dir, staged_output
 from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_block_size, check_quantize_args,
                        check_target_quantize, quantize_file)
@@ -39,13 +40,6 @@ from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_targ
 
 EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for the graph itself
 DTYPES = {"fp32": "float32", "fp16": "float16"}
-# 2: the Mamba-1 ssm_state became channels-last, (batch, n, d_inner), and the input logits_to_keep
-# appeared. State inputs are the ones `state` names. 3: `files` lists every file the export wrote
-# (a later export into the same directory removes exactly those). 4: hybrid models (bamba,
-# granitemoehybrid): KV caches and attention_mask; every state tensor says how it starts ("init")
-# and each `state` entry its layer's "kind". Still 4: `sha256` ({file: hash} of every file but
-# scan_export.json, output_dir.py) is one more key, which readers of version 4 ignore.
-FORMAT_VERSION = 4
 # The genai target's logits_to_keep default: every position, the logits shape genai binds.
 GENAI_LOGITS_TO_KEEP = 0
 
@@ -143,18 +137,6 @@ def name_dims(model: onnx.ModelProto, description: dict) -> onnx.ModelProto:
     return model
 
 
-def mamba_state_entry(i: int, conv_shape, ssm_shape, dtype: str) -> dict:
-    return {
-        "conv_state": {"input": f"past.{i}.conv_state", "output": f"present.{i}.conv_state",
-                       "shape": ["batch", *conv_shape], "dtype": dtype, "init": "zeros",
-                       "meaning": "the last K-1 inputs of the depthwise conv, oldest first, channels last"},
-        "ssm_state": {"input": f"past.{i}.ssm_state", "output": f"present.{i}.ssm_state",
-                      "shape": ["batch", *ssm_shape], "dtype": "float32", "init": "zeros",
-                      "meaning": "the scan state h: (d_state, d_inner) for Mamba-1 (channels last), "
-                                 "(heads, head_dim, d_state) for Mamba-2"},
-    }
-
-
 def describe(cfg, dtype: str, target, node_count: int) -> dict:
     conv_shape, ssm_shape = cfg.state_shapes()
     state = []
@@ -209,7 +191,6 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     from ..reference.models import HYBRID_MODEL_TYPES, checked_config
     from ..reference.models.config import lower_bound_bytes
     from .export import export
-    from .hybrid_contract import cache_names, describe_hybrid
     from .weights import DATA_SUFFIX, fake_model, model_bytes
 
     if dtype not in DTYPES:

@@ -10,7 +10,7 @@ with their probabilities as weights, NOT renormalised; no shared expert.
 
 Checkpoints store each expert's gate_proj / up_proj / down_proj; transformers stacks them at load
 (conversion_mapping "jamba"): gate_up_proj (E, 2·I, hidden) = per expert [gate; up], down_proj
-(E, hidden, I): loading.per_expert_stacks says how, for both loaders (loading.stacked_tensors).
+(E, hidden, I): expert_stacks.per_expert_stacks says how, for both loaders (loading.stacked_tensors).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from ..moe_op import moe_experts
 from .attention import Attention
 from .bamba import attention_heads, check_activation
 from .config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, MAMBA1, AttentionDims, HybridConfig, Mamba1Dims, eos_id
+# the family's stacking recipe: per-expert checkpoint tensors stacked as transformers does, before
+# the renames (loading.stacked_tensors)
+from .expert_stacks import per_expert_stacks as stacked  # noqa: F401
 from .hybrid import HybridLM
 from .mamba_mixers import MambaMixer
 from .mlp import GatedMLP
@@ -177,6 +180,3 @@ def build(raw: dict) -> JambaLM:
 
 # checkpoint name -> our name (none: our modules carry transformers' in-memory names)
 RENAMES: tuple[tuple[str, str], ...] = ()
-
-# per-expert checkpoint tensors stacked as transformers does (loading.stacked_tensors)
-from .loading import per_expert_stacks as stacked  # noqa: E402,F401 (the family's stacking recipe)

@@ -28,6 +28,9 @@ from ...errors import ScanExportError
 from ..moe_op import moe_experts
 from .attention import Attention
 from .config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, FFN, MAMBA, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float
+# the family's stacking recipe: per-expert checkpoint tensors stacked as transformers does, before
+# the renames (loading.stacked_tensors)
+from .expert_stacks import per_expert_stacks as stacked  # noqa: F401
 from .hybrid import HybridLM
 from .mamba_mixers import Mamba2Mixer
 from .norms import _rms_normalize
@@ -272,6 +275,3 @@ def build(raw: dict) -> NemotronHLM:
 # and HybridLM names the embeddings embed_tokens
 RENAMES = (("backbone.embeddings.", "model.embed_tokens."), ("backbone.", "model."),
            ("model.embeddings.", "model.embed_tokens."))
-# per-expert mixer.experts.{e}.up_proj.weight / down_proj.weight are stacked into mixer.experts.up_proj / down_proj
-# (loading.stacked_tensors, before the renames)
-from .loading import per_expert_stacks as stacked  # noqa: E402,F401 (the family's stacking recipe)
