@@ -14,6 +14,9 @@ import sys
 from .errors import ScanExportError
 
 PROG = "scan-export"
+# reference.models' SUPPORTED_MODEL_TYPES + HYBRID_MODEL_TYPES, written out: building the parser must
+# not import torch (tests/test_cli.py checks the two lists agree).
+MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "zamba2")
 # reference.DEFAULT_CHUNK_SIZE, written out: building the parser must not import torch (generate runs
 # without it); tests/test_cli.py checks the two agree.
 SCAN_CHUNK_SIZE = 16
@@ -245,7 +248,9 @@ def cmd_bench(args):
 def _add_export_model(sub):
     from .onnx.targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, TARGETS
 
-    p = sub.add_parser("export-model", help="export a local HF Mamba/FalconMamba/Mamba2 checkpoint to ONNX with state I/O")
+    p = sub.add_parser("export-model", help="export a local or Hub HF checkpoint to ONNX with state I/O",
+                       description="export a local HF checkpoint (or a Hub id) of model_type "
+                                   f"{', '.join(MODEL_TYPES)} to ONNX with state (and KV-cache) I/O")
     p.add_argument("checkpoint_dir", metavar="CHECKPOINT",
                    help="a local Hugging Face checkpoint directory (config.json + weights), or a Hub id ORG/NAME "
                         "(downloaded with huggingface_hub; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN apply)")
@@ -439,9 +444,7 @@ def cmd_verify(args):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="tiny Mamba: checkpoint -> export -> onnxruntime generate -> verify")
-    p.add_argument("--model-type", default="mamba", choices=["mamba", "falcon_mamba", "mamba2", "bamba", "granitemoehybrid",
-                                                          "nemotron_h", "falcon_h1", "jamba", "zamba2"],
-                   help="which family")
+    p.add_argument("--model-type", default="mamba", choices=MODEL_TYPES, help="which family")
     p.add_argument("--workdir", default=None,
                    help="keep the checkpoint and export here: a new or empty directory, or an earlier demo's "
                         "(default: a temporary directory, removed afterwards)")

@@ -132,3 +132,13 @@ def test_doctor_refuses_a_missing_provider(capsys):
     assert main(["doctor", "--provider", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--provider cuda" in err[0]
+
+
+def test_cli_model_types_are_the_packages():
+    """cli.MODEL_TYPES is written out (the parser must not import torch); it must name every family."""
+    from scan_export.cli import MODEL_TYPES
+    from scan_export.reference.models import HYBRID_MODEL_TYPES, SUPPORTED_MODEL_TYPES
+
+    assert sorted(MODEL_TYPES) == sorted((*SUPPORTED_MODEL_TYPES, *HYBRID_MODEL_TYPES))
+    help_text = build_parser()._subparsers._group_actions[0].choices["export-model"].format_help()
+    assert all(t in help_text for t in MODEL_TYPES)
