@@ -102,4 +102,6 @@ def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=No
             "1, 7, 64, 100; states; 3 × 32 greedy tokens)")
         say("   " + report.format().replace("\n", "\n   "))
         say(f"done in {time.perf_counter() - t0:.1f} s: {'PASS' if report.passed else 'FAIL'}")
+        if workdir is None:  # the paths printed above are about to go: say so, and how to keep them
+            say("(the checkpoint and export lived in a temporary folder, now removed; --workdir DIR keeps them)")
         return report.passed

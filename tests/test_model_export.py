@@ -1,6 +1,7 @@
 """Whole-model export of HF Mamba / FalconMamba checkpoints, and generation in onnxruntime."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -292,7 +293,11 @@ def test_fp16_export_runs(tmp_path):
 @pytest.mark.parametrize("model_type", ["mamba", "mamba2"])
 def test_demo_runs_end_to_end(capsys, model_type):
     assert main(["demo", "--tokens", "5", "--model-type", model_type]) == 0
-    assert "PASS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASS" in out
+    # the paths it printed were in a temporary folder: gone, and the output says so
+    ckpt = Path(out.split("1. checkpoint", 1)[1].split()[0])
+    assert not ckpt.exists() and "now removed; --workdir DIR keeps them" in out
 
 
 def test_mamba2_native_lowering_export_verifies(tmp_path, capsys):
