@@ -234,7 +234,8 @@ def test_config_mistakes_are_refused(tmp_path):
             ({"num_experts_per_tok": 5}, r"field 'num_experts_per_tok': expected 1..4 \(num_experts\), got 5"),
             # The schema pass (config.check_schema) meets this one first.
             ({"mamba_dt_rank": "full"}, r"field 'mamba_dt_rank': expected an integer in \[1, 131072\] or \"auto\", got \"full\""),
-            ({"hidden_act": "gelu"}, r"field 'hidden_act': expected 'silu', got 'gelu'")):
+            # the mixer and MLPs take any exact activation, the experts silu or gelu (tests/test_tester_configs.py)
+            ({"hidden_act": "relu"}, r"field 'hidden_act': the experts take one of \['gelu', 'gelu_python', 'silu', 'swish'\], got 'relu'")):
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(ScanExportError, match=message):
             load_model(ckpt)

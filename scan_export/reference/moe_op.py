@@ -6,7 +6,8 @@ not the expert count. Eager: a loop over the experts that received tokens (trans
 
 activation: each expert's MLP. "swiglu" (granite, jamba): gate_up holds the gate rows then the up
 rows, (E, 2I, H), and the expert is down(silu(gate x) · up x). "relu2" (Nemotron-H's non-gated
-experts): gate_up holds only up, (E, I, H), and the expert is down(relu(up x)²).
+experts): gate_up holds only up, (E, I, H), and the expert is down(relu(up x)²). "geglu": swiglu
+with exact GELU for silu (Jamba with hidden_act "gelu", as transformers' model tester builds it).
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import torch
 import torch.nn.functional as F
 
 MOE_INPUTS = ("x", "top_k_index", "top_k_weights", "gate_up", "down")
-ACTIVATIONS = ("swiglu", "relu2")
+ACTIVATIONS = ("swiglu", "geglu", "relu2")
 
 
 def expert_activation(h, activation: str):
-    """h: (M, 2I) for swiglu (gate first), (M, I) for relu2 -> (M, I)"""
+    """h: (M, 2I) for swiglu / geglu (gate first), (M, I) for relu2 -> (M, I)"""
     if activation == "relu2":
         return torch.square(F.relu(h))
     gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return (F.gelu(gate) if activation == "geglu" else F.silu(gate)) * up
 
 
 def moe_experts_eager(x, top_k_index, top_k_weights, gate_up, down, activation: str = "swiglu"):

@@ -2,7 +2,7 @@
 to are computed, so a token costs k expert MLPs whatever the expert count E.
 
 x: (N, H), top_k_index: (N, k) int64, top_k_weights: (N, k), gate_up: (E, 2I, H) (gate rows first;
-(E, I, H) for the non-gated "relu2" experts), down: (E, H, I).
+(E, I, H) for the non-gated "relu2" experts), down: (E, H, I). "geglu" is swiglu with GELU for silu.
 Two forms, chosen at run time by an If on the number of (token, expert) pairs N·k:
   N·k ≤ E (decode): gather the k experts' matrices of every token, (N·k, 2I, H) and (N·k, H, I), and
     run them as one batched MatMul: no loop, and never more weight read than the E experts hold.
@@ -19,12 +19,17 @@ from onnx import TensorProto, helper
 from .graph_builder import GraphBuilder, value_info
 
 
-def _activation(gb: GraphBuilder, h, axis: int, activation: str):
-    """reference/moe_op.expert_activation: swiglu (gate, up halves along axis) or relu(h)²."""
+def _activation(gb: GraphBuilder, h, axis: int, activation: str, elem_type: int):
+    """reference/moe_op.expert_activation: swiglu / geglu (gate, up halves along axis) or relu(h)²."""
     if activation == "relu2":
         r = gb.op("Relu", h)
         return gb.op("Mul", r, r)
     gate, up = gb.op("Split", h, axis=axis, num_outputs=2, n_out=2)
+    if activation == "geglu":  # exact GELU as torch writes it: g · 0.5 · (1 + erf(g · 1/√2))
+        dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+        erf = gb.op("Erf", gb.op("Mul", gate, gb.const(0.5 ** 0.5, dtype)))
+        act = gb.op("Mul", gb.op("Mul", gate, gb.const(0.5, dtype)), gb.op("Add", erf, gb.const(1.0, dtype)))
+        return gb.op("Mul", act, up)
     return gb.op("Mul", gb.op("Mul", gate, gb.op("Sigmoid", gate)), up)
 
 
@@ -45,7 +50,7 @@ def emit_moe_experts(gb: GraphBuilder, x, top_k_index, top_k_weights, gate_up, d
     flat = g.op("Reshape", top_k_index, g.ints(-1))  # (N·k,)
     xk = g.op("Expand", g.op("Unsqueeze", x, g.ints(1)), g.op("Concat", n_, k_, h_, axis=0))  # (N, k, H)
     xk = g.op("Reshape", xk, g.op("Concat", g.ints(-1), h_, g.ints(1), axis=0))  # (N·k, H, 1)
-    act = _activation(g, g.op("MatMul", g.op("Gather", gate_up, flat, axis=0), xk), 1, activation)  # (N·k, I, 1)
+    act = _activation(g, g.op("MatMul", g.op("Gather", gate_up, flat, axis=0), xk), 1, activation, elem_type)  # (N·k, I, 1)
     y = g.op("MatMul", g.op("Gather", down, flat, axis=0), act)  # (N·k, H, 1)
     y = g.op("Mul", g.op("Reshape", y, g.op("Concat", n_, k_, h_, axis=0)), g.op("Unsqueeze", top_k_weights, g.ints(2)))
     y_gather = g.op("ReduceSum", y, g.ints(1), keepdims=0)  # (N, H)
@@ -63,7 +68,7 @@ def emit_moe_experts(gb: GraphBuilder, x, top_k_index, top_k_weights, gate_up, d
     routed = body.op("ReduceMax", body.op("Cast", hit, to=TensorProto.INT32), body.ints(1), keepdims=0)  # (N,)
     rows = body.op("Reshape", body.op("NonZero", routed), body.ints(-1))  # (M,)
     act = _activation(body, body.op("Gemm", body.op("Gather", x, rows, axis=0), body.op("Gather", gate_up, e, axis=0),
-                                    transB=1), 1, activation)  # (M, I)
+                                    transB=1), 1, activation, elem_type)  # (M, I)
     y = body.op("Gemm", act, body.op("Gather", down, e, axis=0), transB=1)  # (M, H)
     y = body.op("Mul", y, body.op("Unsqueeze", body.op("Gather", weight, rows, axis=0), body.ints(1)))
     if acc_type != elem_type:

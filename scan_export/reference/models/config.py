@@ -207,7 +207,7 @@ class Mamba2Dims:
     use_bias: bool
     use_conv_bias: bool
     layer_norm_epsilon: float  # the gated norm's eps
-    hidden_act: str = "silu"  # after the conv; the hybrid families read no such field for their Mamba layers
+    hidden_act: str = "silu"  # after the conv: Falcon-H1 reads hidden_act; bamba / granite admit silu only
 
     @property
     def conv_dim(self) -> int:
@@ -229,7 +229,7 @@ class Mamba1Dims:
     use_bias: bool
     use_conv_bias: bool
     model_type: str = "jamba"  # MambaMixer's FalconMamba test reads it
-    hidden_act: str = "silu"  # Jamba's check_activation admits silu only
+    hidden_act: str = "silu"  # after the conv (ACT2FN[hidden_act]); the output gate is silu whatever this says
 
     @property
     def conv_dim(self) -> int:

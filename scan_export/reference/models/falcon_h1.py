@@ -8,8 +8,9 @@ checkpoint's tensors stream into the export unchanged and every product rounds a
              output × ssm_out_multiplier
   attention: input × attention_in_multiplier; k_proj(·) × key_multiplier (before RoPE, so the KV
              cache holds scaled keys); output × attention_out_multiplier; scores × head_dim**-0.5
-  MLP:       down(up(x) · silu(gate(x) · mlp_multipliers[0])) · mlp_multipliers[1]
-The Mamba output is gated by silu(z) and, with mamba_rms_norm, group-normed before the gate
+  MLP:       down(up(x) · act(gate(x) · mlp_multipliers[0])) · mlp_multipliers[1]
+act is ACT2FN[hidden_act] (silu in released checkpoints, gelu in transformers' model tester), as is
+the activation after the Mamba conv; the Mamba output is gated by silu(z) whatever hidden_act says and, with mamba_rms_norm, group-normed before the gate
 (mamba_norm_before_gate, transformers' default) or after it; d_inner is mamba_d_ssm when set.
 """
 
@@ -24,7 +25,8 @@ from torch import nn
 from ...errors import ScanExportError
 from ..custom_ops import causal_conv, mamba_chunk_scan_combined
 from .attention import Attention
-from .bamba import attention_heads, check_activation
+from .activations import ACTIVATIONS, read_activation
+from .bamba import attention_heads
 from .config import HYBRID_SCHEMA, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
 from .hybrid import HybridLM
 from .mlp import GatedMLP
@@ -51,6 +53,7 @@ class FalconH1Config(HybridConfig):
     mamba_rms_norm: bool = False
     mamba_norm_before_gate: bool = True
     projectors_bias: bool = False  # the Mamba out_proj's bias
+    hidden_act: str = "silu"  # the MLP's gate activation (the Mamba conv's is mamba.hidden_act, the same field)
 
 
 def _floats(raw: dict, field: str, n: int) -> tuple[float, ...]:
@@ -67,7 +70,7 @@ def _scalar(raw: dict, field: str) -> float:
     return 1.0 if v is None else float(v)
 
 
-def mamba_dims(raw: dict, eps: float) -> Mamba2Dims:
+def mamba_dims(raw: dict, eps: float, hidden_act: str = "silu") -> Mamba2Dims:
     """FalconH1Mixer's sizes: d_inner = mamba_d_ssm (default 1024), or mamba_expand · hidden when null."""
     hidden = raw["hidden_size"]
     d_ssm = raw.get("mamba_d_ssm", 1024)
@@ -87,11 +90,12 @@ def mamba_dims(raw: dict, eps: float) -> Mamba2Dims:
                       conv_kernel=raw.get("mamba_d_conv", 4), num_heads=heads, head_dim=head_dim, n_groups=groups,
                       chunk_size=raw.get("mamba_chunk_size", 256), time_step_limit=tuple(json_float(v) for v in limit),
                       use_bias=bool(raw.get("mamba_proj_bias", False)),
-                      use_conv_bias=bool(raw.get("mamba_conv_bias", True)), layer_norm_epsilon=eps)
+                      use_conv_bias=bool(raw.get("mamba_conv_bias", True)), layer_norm_epsilon=eps,
+                      hidden_act=hidden_act)
 
 
 def config_from_hf(raw: dict) -> FalconH1Config:
-    check_activation(raw)
+    act = read_activation(raw, "hidden_act", "silu")  # FalconH1Mixer's conv and FalconH1MLP's gate
     n = raw["num_hidden_layers"]
     eps = raw.get("rms_norm_eps", 1e-5)
     heads, kv, head_dim = attention_heads(raw)  # head_dim: config.json's when present (real checkpoints set it)
@@ -99,7 +103,7 @@ def config_from_hf(raw: dict) -> FalconH1Config:
     rope_type = (raw.get("rope_parameters") or {}).get("rope_type", "default")
     return FalconH1Config(
         model_type=MODEL_TYPE, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_hidden_layers=n,
-        layer_types=(PARALLEL,) * n, rms_norm_eps=eps, mamba=mamba_dims(raw, eps),
+        layer_types=(PARALLEL,) * n, rms_norm_eps=eps, mamba=mamba_dims(raw, eps, act), hidden_act=act,
         attention=AttentionDims(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, scaling=head_dim ** -0.5,
                                 bias=bool(raw.get("attention_bias", False)),
                                 rope=rope_spec(raw, head_dim, 1.0 if rope_type == "default" else None)),
@@ -195,7 +199,7 @@ class FalconH1Mixer(nn.Module):
             zxbcdt = zxbcdt * mup
         gate, xBC, dt = zxbcdt.split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
         xBC, conv_state = causal_conv(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
-        xs, B, C = F.silu(xBC).split([m.intermediate_size, gn, gn], dim=-1)
+        xs, B, C = ACTIVATIONS[m.hidden_act](xBC).split([m.intermediate_size, gn, gn], dim=-1)
         y, ssm_state = mamba_chunk_scan_combined(
             xs.reshape(b, l, m.num_heads, m.head_dim), dt, -torch.exp(self.A_log.float()),
             B.reshape(b, l, m.n_groups, m.state_size), C.reshape(b, l, m.n_groups, m.state_size),
@@ -221,7 +225,7 @@ class FalconH1Layer(nn.Module):
         a = cfg.attention
         self.self_attn.k_proj = ScaledLinear(cfg.hidden_size, a.num_kv_heads * a.head_dim, a.bias, cfg.key_multiplier)
         gate_m, down_m = cfg.mlp_multipliers
-        self.feed_forward = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.feed_forward = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.hidden_act)
         ff = self.feed_forward
         ff.gate_proj = ScaledLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, gate_m)
         ff.down_proj = ScaledLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, down_m)

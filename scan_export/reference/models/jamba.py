@@ -11,6 +11,10 @@ with their probabilities as weights, NOT renormalised; no shared expert.
 Checkpoints store each expert's gate_proj / up_proj / down_proj; transformers stacks them at load
 (conversion_mapping "jamba"): gate_up_proj (E, 2·I, hidden) = per expert [gate; up], down_proj
 (E, hidden, I): expert_stacks.per_expert_stacks says how, for both loaders (loading.stacked_tensors).
+
+hidden_act (transformers' ACT2FN name) is the activation after the Mamba conv and the gate
+activation of the MLPs and experts: silu in released checkpoints, gelu in transformers' model
+tester; the Mamba output gate is silu whatever it says. The experts take silu or gelu (moe_op).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torch import nn
 from ...errors import ScanExportError
 from ..moe_op import moe_experts
 from .attention import Attention
-from .bamba import attention_heads, check_activation
+from .activations import read_activation
+from .bamba import attention_heads
 from .config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, MAMBA1, AttentionDims, HybridConfig, Mamba1Dims, eos_id
 # the family's stacking recipe: per-expert checkpoint tensors stacked as transformers does, before
 # the renames (loading.stacked_tensors)
@@ -35,6 +40,8 @@ from .mlp import GatedMLP
 from .norms import RMSNorm
 
 MODEL_TYPE = "jamba"
+# hidden_act -> the experts' moe_op activation (the gate's function; the experts compute nothing else)
+EXPERT_GATES = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_python": "geglu"}
 
 # config.json fields checked before anything is built (config.check_schema): the hybrid ones, plus this family's.
 SCHEMA = {**HYBRID_SCHEMA, "mamba_dt_rank": ("rank", 1, 1 << 17), "num_experts": ("int", 0, MAX_SMALL)}
@@ -43,6 +50,7 @@ SCHEMA = {**HYBRID_SCHEMA, "mamba_dt_rank": ("rank", 1, 1 << 17), "num_experts":
 @dataclass(frozen=True)
 class JambaConfig(HybridConfig):
     moe_layers: tuple[bool, ...] = ()  # per layer: a mixture of experts (else a SwiGLU MLP)
+    hidden_act: str = "silu"  # the MLPs' and experts' gate activation (mamba.hidden_act: the same field)
 
 
 def _period(raw: dict, period_field: str, offset_field: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -56,7 +64,7 @@ def _period(raw: dict, period_field: str, offset_field: str, default: tuple[int,
 
 
 def config_from_hf(raw: dict) -> JambaConfig:
-    check_activation(raw)
+    act = read_activation(raw, "hidden_act", "silu")
     n, hidden = raw["num_hidden_layers"], raw["hidden_size"]
     attn_period, attn_offset = _period(raw, "attn_layer_period", "attn_layer_offset", (8, 4))
     expert_period, expert_offset = _period(raw, "expert_layer_period", "expert_layer_offset", (2, 1))
@@ -68,6 +76,8 @@ def config_from_hf(raw: dict) -> JambaConfig:
     moe = [i % expert_period == expert_offset for i in range(n)] if experts > 1 else [False] * n
     if any(moe) and not (isinstance(top_k, int) and 0 < top_k <= experts):
         raise ScanExportError(f"field 'num_experts_per_tok': expected 1..{experts} (num_experts), got {top_k!r}")
+    if any(moe) and act not in EXPERT_GATES:
+        raise ScanExportError(f"field 'hidden_act': the experts take one of {sorted(EXPERT_GATES)}, got {act!r}")
     rank = raw.get("mamba_dt_rank", "auto")
     rank = -(-hidden // 16) if rank == "auto" else rank
     if not isinstance(rank, int) or rank < 1:
@@ -76,7 +86,7 @@ def config_from_hf(raw: dict) -> JambaConfig:
     mamba = Mamba1Dims(hidden_size=hidden, intermediate_size=int(expand * hidden),
                        state_size=raw.get("mamba_d_state", 16), conv_kernel=raw.get("mamba_d_conv", 4),
                        time_step_rank=rank, use_bias=bool(raw.get("mamba_proj_bias", False)),
-                       use_conv_bias=bool(raw.get("mamba_conv_bias", True)))
+                       use_conv_bias=bool(raw.get("mamba_conv_bias", True)), hidden_act=act)
     heads, kv, head_dim = attention_heads(raw)
     return JambaConfig(
         model_type=MODEL_TYPE, vocab_size=raw["vocab_size"], hidden_size=hidden, num_hidden_layers=n,
@@ -87,6 +97,7 @@ def config_from_hf(raw: dict) -> JambaConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), eos_token_id=eos_id(raw),
         bos_token_id=raw.get("bos_token_id"), intermediate_size=raw.get("intermediate_size", 14336),
         num_experts=experts if any(moe) else 0, experts_per_token=top_k if any(moe) else 0, moe_layers=tuple(moe),
+        hidden_act=act,
     )
 
 
@@ -134,13 +145,15 @@ class JambaMoE(nn.Module):
         super().__init__()
         self.router = JambaRouter(cfg.hidden_size, cfg.num_experts, cfg.experts_per_token)
         self.experts = JambaExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        self.activation = EXPERT_GATES[cfg.hidden_act]
 
     def forward(self, x):
         """x: (b, l, hidden) -> (b, l, hidden)"""
         b, l, h = x.shape
         flat = x.reshape(b * l, h)
         weights, index = self.router(flat)
-        return moe_experts(flat, index, weights, self.experts.gate_up_proj, self.experts.down_proj).view(b, l, h)
+        return moe_experts(flat, index, weights, self.experts.gate_up_proj, self.experts.down_proj,
+                           self.activation).view(b, l, h)
 
 
 class JambaLayer(nn.Module):
@@ -154,7 +167,7 @@ class JambaLayer(nn.Module):
             self.mamba = JambaMambaMixer(cfg.mamba, cfg.rms_norm_eps)
         else:
             self.self_attn = Attention(cfg.hidden_size, cfg.attention)
-        self.feed_forward = JambaMoE(cfg) if moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.feed_forward = JambaMoE(cfg) if moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act)
 
     def forward(self, x, cache, allowed, rope):
         h = self.input_layernorm(x)
