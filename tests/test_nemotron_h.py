@@ -224,7 +224,7 @@ def test_legacy_pattern_and_refusals(exported, tmp_path):
     assert msg.endswith("field 'mlp_hidden_act': expected 'relu2', got 'silu'")
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu2"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_moe_lowering_matches_the_eager_op(activation, dtype):
     """The lowered MoeExperts alone (no model export), both forms, against reference/moe_op.py. In
@@ -238,7 +238,7 @@ def test_moe_lowering_matches_the_eager_op(activation, dtype):
 
     E, H, I, k = 4, 8, 6, 2
     rng = np.random.default_rng(0)
-    up_rows = 2 * I if activation == "swiglu" else I
+    up_rows = 2 * I if activation in ("swiglu", "geglu") else I
     weights = {"gate_up": rng.normal(size=(E, up_rows, H)).astype(dtype), "down": rng.normal(size=(E, H, I)).astype(dtype)}
     elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
     gb = GraphBuilder("moe")
