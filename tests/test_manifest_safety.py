@@ -219,3 +219,26 @@ def test_demo_refuses_a_changed_earlier_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json" in err[0] and "--workdir" in err[0]
     assert sums(w) == before
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "granitemoehybrid"])
+def test_hashes_taken_while_writing_are_the_files(tmp_path, model_type, monkeypatch):
+    """The > 2 GB layout (model.onnx + model.onnx.data) records the data file's sha256 as the export
+    wrote it (weights._FollowingHasher, behind the writer, with transposed weights written out of
+    order and small tensors appended at the end): it must be the finished file's hash, or a later
+    export could never prove that file ours. A hybrid has more weight kinds (experts, KV projections)."""
+    from scan_export.onnx import output_dir
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", model_type)
+    read_whole = []
+    hash_whole = output_dir.file_sha256
+    monkeypatch.setattr(output_dir, "file_sha256", lambda path: read_whole.append(path.name) or hash_whole(path))
+    out = export_model(ckpt, tmp_path / "out", external_data_bytes=0)
+    assert "model.onnx.data" not in read_whole  # its hash came from the writer (the 1% budget of issue 21)
+    recorded = json.loads((out / DESCRIPTION_FILE).read_text())["sha256"]
+    assert "model.onnx.data" in recorded
+    for name, digest in recorded.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+    # and that proof is what lets a second export replace the first
+    export_model(ckpt, tmp_path / "out", external_data_bytes=0)
+    assert sorted(p.name for p in out.iterdir()) == sorted(recorded) + [DESCRIPTION_FILE]

@@ -293,6 +293,9 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         written = sorted(p.name for p in staging.iterdir() if p.name != OWNER_FILE)
         description["files"] = sorted([*written, DESCRIPTION_FILE])
         # What proves a file ours to a later export into this directory (output_dir.py).
-        description[HASHES] = hash_files(staging, written)
+        # The data file's was taken while it was written, unless quantizing rewrote the files since.
+        known = ({weights.data_path.name: weights.data_digest}
+                 if weights.data_digest is not None and QUANTIZE[quantize] is None else {})
+        description[HASHES] = hash_files(staging, written, known)
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
     return plan.dest

@@ -88,8 +88,15 @@ def is_ours(path: Path, digest) -> bool:
         return False
 
 
-def hash_files(directory: Path, names) -> dict[str, str]:
-    return {n: file_sha256(directory / n) for n in sorted(names)}
+def hash_files(directory: Path, names, known: dict[str, tuple[int, str]] | None = None) -> dict[str, str]:
+    """{name: sha256} of directory/name for each name. known: {name: (size, sha256)} hashed while the
+    file was written (weights.CheckpointWeights.data_digest), taken when the file still has that size."""
+    known = known or {}
+    out = {}
+    for n in sorted(names):
+        size, digest = known.get(n, (None, None))
+        out[n] = digest if size is not None and (directory / n).stat().st_size == size else file_sha256(directory / n)
+    return out
 
 
 @dataclass

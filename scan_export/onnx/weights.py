@@ -23,10 +23,13 @@ independent of the model's size (measured in README, "Export memory").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,6 +233,10 @@ class CheckpointWeights:
     def __init__(self, sources: dict[str, TensorSource], dtype):
         self.sources, self.dtype = sources, dtype
         self.data_path: Path | None = None
+        # (size, sha256 hex) of the data file as finish() left it, hashed while it was written; None
+        # when it was rewritten (compacted) or not kept: then whoever needs its hash reads it whole.
+        self.data_digest: tuple[int, str] | None = None
+        self._hasher: _FollowingHasher | None = None
         self.written: list[_Planned] = []
         # Weights holding NaN or Inf, by name: loadable, but every logit downstream of them is NaN;
         # export_model warns once, naming the first. Checked on each block as it streams past.
@@ -274,6 +281,7 @@ class CheckpointWeights:
         total = sum(_numel(p.source.shape) for p in plan) * self.dtype.itemsize
         done = 0
         with open(self.data_path, "wb") as f:
+            self._hasher = _FollowingHasher(self.data_path)
             for p in plan:
                 p.length = _numel(p.source.shape) * self.dtype.itemsize
                 p.offset = _align(f.tell(), p.length)
@@ -281,6 +289,8 @@ class CheckpointWeights:
                 for n in self._write(f, p):
                     done += n
                     progress("writing weights", done, total)
+                f.flush()  # bytes [0, offset + length) are final now: the hasher may read them
+                self._hasher.follow(p.offset + p.length)
                 shape = tuple(reversed(p.source.shape)) if p.transpose else p.source.shape
                 tensor = ir.ExternalTensor(self.data_path.name, p.offset, p.length, dtype, shape=ir.Shape(shape),
                                            name=p.name, base_dir=self.base_dir)
@@ -340,22 +350,72 @@ class CheckpointWeights:
         data_name = path.name + DATA_SUFFIX
         if self.data_path is not None and self.data_path.name != data_name:
             raise RuntimeError(f"weights were written to {self.data_path.name}, the model is {path.name}")  # a bug
-        refs = _external_refs(proto)
-        if self.data_path is not None and _wasted(refs, self.data_path):
-            _compact(proto, refs, self.data_path, progress)
-        if not single_file:  # the layout onnx.save_model(size_threshold=1024) gives: only tiny tensors inline
-            _move_inline_to_data(proto, path.with_name(data_name), EXTERNAL_FROM_BYTES)
+        try:
             refs = _external_refs(proto)
-        onnx.save_model(proto, str(path))
-        if check:
-            progress("checking", 0, None)
-            onnx.checker.check_model(str(path), full_check=True)
-            progress("checking", 1, 1)
-        if single_file:
-            assemble_single_file(path, progress)
-        elif self.data_path is not None and not refs:
-            self.data_path.unlink()
+            if self.data_path is not None and _wasted(refs, self.data_path):
+                _compact(proto, refs, self.data_path, progress)
+                self._stop_hasher()  # rewritten: its hash is read whole, if anyone needs it
+            if not single_file:  # the layout onnx.save_model(size_threshold=1024) gives: only tiny tensors inline
+                _move_inline_to_data(proto, path.with_name(data_name), EXTERNAL_FROM_BYTES)
+                refs = _external_refs(proto)
+                if self._hasher is not None:  # appended to: the hasher follows to the end
+                    self._hasher.follow(self.data_path.stat().st_size)
+            onnx.save_model(proto, str(path))
+            if check:  # the hasher runs on while the checker reads the graph (hashlib frees the GIL)
+                progress("checking", 0, None)
+                onnx.checker.check_model(str(path), full_check=True)
+                progress("checking", 1, 1)
+            if single_file:
+                assemble_single_file(path, progress)
+            elif self.data_path is not None and not refs:
+                self.data_path.unlink()
+            elif self._hasher is not None:
+                self.data_digest = self._hasher.result()
+        finally:
+            self._stop_hasher()
         return path
+
+    def _stop_hasher(self) -> None:
+        if self._hasher is not None:
+            self._hasher.result()  # ends its thread
+            self._hasher = None
+
+
+class _FollowingHasher:
+    """sha256 of a file being written front to back, read by a thread that follows the writer:
+    follow(end) says that bytes [0, end) are final. Hashing the 3.3 GB data file after the export
+    cost ~2 s (3% of that export); behind the writer it overlaps with converting the weights."""
+
+    def __init__(self, path: Path):
+        self._path, self._queue = path, queue.SimpleQueue()
+        self._sha, self._size, self._failed = hashlib.sha256(), 0, False
+        self._thread = threading.Thread(target=self._run, name="scan-export-hash", daemon=True)
+        self._thread.start()
+
+    def follow(self, end: int) -> None:
+        self._queue.put(end)
+
+    def _run(self) -> None:
+        try:
+            with open(self._path, "rb") as f:
+                while (end := self._queue.get()) is not None:
+                    while self._size < end:
+                        chunk = os.pread(f.fileno(), min(1 << 24, end - self._size), self._size)
+                        if not chunk:
+                            break
+                        self._sha.update(chunk)
+                        self._size += len(chunk)
+        except OSError:
+            self._failed = True
+            while self._queue.get() is not None:  # drain until told to stop
+                pass
+
+    def result(self) -> tuple[int, str] | None:
+        """(bytes hashed, hex digest), or None if reading failed; ends the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        return None if self._failed else (self._size, self._sha.hexdigest())
 
 
 def _is_fake(tensor) -> bool:
