@@ -10,7 +10,8 @@ checkpoint's tensors stream into the export unchanged and every product rounds a
              cache holds scaled keys); output × attention_out_multiplier; scores × head_dim**-0.5
   MLP:       down(up(x) · act(gate(x) · mlp_multipliers[0])) · mlp_multipliers[1]
 act is ACT2FN[hidden_act] (silu in released checkpoints, gelu in transformers' model tester), as is
-the activation after the Mamba conv; the Mamba output is gated by silu(z) whatever hidden_act says and, with mamba_rms_norm, group-normed before the gate
+the activation after the Mamba conv (one field, kept as mamba.hidden_act); the Mamba output is gated
+by silu(z) whatever hidden_act says and, with mamba_rms_norm, group-normed before the gate
 (mamba_norm_before_gate, transformers' default) or after it; d_inner is mamba_d_ssm when set.
 """
 
@@ -53,7 +54,6 @@ class FalconH1Config(HybridConfig):
     mamba_rms_norm: bool = False
     mamba_norm_before_gate: bool = True
     projectors_bias: bool = False  # the Mamba out_proj's bias
-    hidden_act: str = "silu"  # the MLP's gate activation (the Mamba conv's is mamba.hidden_act, the same field)
 
 
 def _floats(raw: dict, field: str, n: int) -> tuple[float, ...]:
@@ -103,7 +103,7 @@ def config_from_hf(raw: dict) -> FalconH1Config:
     rope_type = (raw.get("rope_parameters") or {}).get("rope_type", "default")
     return FalconH1Config(
         model_type=MODEL_TYPE, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_hidden_layers=n,
-        layer_types=(PARALLEL,) * n, rms_norm_eps=eps, mamba=mamba_dims(raw, eps, act), hidden_act=act,
+        layer_types=(PARALLEL,) * n, rms_norm_eps=eps, mamba=mamba_dims(raw, eps, act),
         attention=AttentionDims(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, scaling=head_dim ** -0.5,
                                 bias=bool(raw.get("attention_bias", False)),
                                 rope=rope_spec(raw, head_dim, 1.0 if rope_type == "default" else None)),
@@ -225,7 +225,7 @@ class FalconH1Layer(nn.Module):
         a = cfg.attention
         self.self_attn.k_proj = ScaledLinear(cfg.hidden_size, a.num_kv_heads * a.head_dim, a.bias, cfg.key_multiplier)
         gate_m, down_m = cfg.mlp_multipliers
-        self.feed_forward = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.hidden_act)
+        self.feed_forward = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, cfg.mamba.hidden_act)
         ff = self.feed_forward
         ff.gate_proj = ScaledLinear(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, gate_m)
         ff.down_proj = ScaledLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, down_m)

@@ -50,7 +50,6 @@ SCHEMA = {**HYBRID_SCHEMA, "mamba_dt_rank": ("rank", 1, 1 << 17), "num_experts":
 @dataclass(frozen=True)
 class JambaConfig(HybridConfig):
     moe_layers: tuple[bool, ...] = ()  # per layer: a mixture of experts (else a SwiGLU MLP)
-    hidden_act: str = "silu"  # the MLPs' and experts' gate activation (mamba.hidden_act: the same field)
 
 
 def _period(raw: dict, period_field: str, offset_field: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -97,7 +96,6 @@ def config_from_hf(raw: dict) -> JambaConfig:
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), eos_token_id=eos_id(raw),
         bos_token_id=raw.get("bos_token_id"), intermediate_size=raw.get("intermediate_size", 14336),
         num_experts=experts if any(moe) else 0, experts_per_token=top_k if any(moe) else 0, moe_layers=tuple(moe),
-        hidden_act=act,
     )
 
 
@@ -145,7 +143,7 @@ class JambaMoE(nn.Module):
         super().__init__()
         self.router = JambaRouter(cfg.hidden_size, cfg.num_experts, cfg.experts_per_token)
         self.experts = JambaExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
-        self.activation = EXPERT_GATES[cfg.hidden_act]
+        self.activation = EXPERT_GATES[cfg.mamba.hidden_act]  # hidden_act: one field for all
 
     def forward(self, x):
         """x: (b, l, hidden) -> (b, l, hidden)"""
@@ -167,7 +165,8 @@ class JambaLayer(nn.Module):
             self.mamba = JambaMambaMixer(cfg.mamba, cfg.rms_norm_eps)
         else:
             self.self_attn = Attention(cfg.hidden_size, cfg.attention)
-        self.feed_forward = JambaMoE(cfg) if moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act)
+        act = cfg.mamba.hidden_act
+        self.feed_forward = JambaMoE(cfg) if moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=act)
 
     def forward(self, x, cache, allowed, rope):
         h = self.input_layernorm(x)
