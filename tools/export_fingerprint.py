@@ -56,6 +56,13 @@ def fingerprint(model_file: Path) -> dict:
             "bytes": len(raw), "nodes": len(model.graph.node)}
 
 
+def describe_digest(export_dir: Path) -> str:
+    """sha256 of scan_export.json without its file hashes (model.onnx's hash moves with the stack traces)."""
+    d = json.loads((export_dir / "scan_export.json").read_text())
+    d.pop("sha256", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
 def run(model_types) -> dict:
     from scan_export.onnx.model_export import export_model
     from scan_export.tiny import make_tiny_checkpoint
@@ -67,7 +74,7 @@ def run(model_types) -> dict:
             for q in QUANTIZE:
                 d = Path(tmp) / f"out-{mt}-{q}"
                 export_model(ckpt, d, quantize=q)
-                out[f"{mt}/{q}"] = fingerprint(d / "model.onnx")
+                out[f"{mt}/{q}"] = {**fingerprint(d / "model.onnx"), "description_sha256": describe_digest(d)}
                 print(f"{mt}/{q}: {out[f'{mt}/{q}']['stripped_sha256'][:16]}", file=sys.stderr)
     return out
 
@@ -82,8 +89,11 @@ def compare(a: dict, b: dict) -> int:
         elif x["stripped_sha256"] != y["stripped_sha256"]:
             print(f"{k}: DIFFERENT graphs ({x['nodes']} vs {y['nodes']} nodes)")
             bad += 1
+        elif "description_sha256" in x and "description_sha256" in y and x["description_sha256"] != y["description_sha256"]:
+            print(f"{k}: identical graph, DIFFERENT scan_export.json")
+            bad += 1
         else:
-            print(f"{k}: identical graph; file bytes {'identical' if x['sha256'] == y['sha256'] else 'differ in stack-trace metadata only'}")
+            print(f"{k}: identical graph (and scan_export.json where both runs hashed it); model.onnx bytes {'identical' if x['sha256'] == y['sha256'] else 'differ in stack-trace metadata only'}")
     return 1 if bad else 0
 
 
