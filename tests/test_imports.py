@@ -84,3 +84,16 @@ def test_no_import_cycles_inside_the_package():
     no cycle; a submodule that imports a name from its own package's __init__ is counted, and would be."""
     found = cycles(graph())
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_contract_is_a_leaf():
+    """contract/ is read by onnx/ (which writes scan_export.json), runtime/ and the hosts' tests: it
+    may import only its own modules and scan_export.errors, so reading an export never drags in
+    torch or the exporter."""
+    g = graph()
+    contract = {m for m in g if m == "scan_export.contract" or m.startswith("scan_export.contract.")}
+    assert contract, "no scan_export.contract package"
+    for m in sorted(contract):
+        outside = g[m] - contract - {"scan_export.errors"}
+        assert not outside, f"{m} imports {sorted(outside)}"
+    assert g["scan_export.errors"] <= set(), "errors.py must stay a leaf"

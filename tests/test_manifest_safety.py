@@ -21,7 +21,7 @@ from scan_export.cli import main  # noqa: E402
 from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.onnx.model_export import export_model  # noqa: E402
 from scan_export.onnx.output_dir import OWNER_FILE, STAGING_PREFIX  # noqa: E402
-from scan_export.runtime.contract import DESCRIPTION_FILE  # noqa: E402
+from scan_export.contract import DESCRIPTION_FILE  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 

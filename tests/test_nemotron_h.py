@@ -210,7 +210,8 @@ def test_legacy_pattern_and_refusals(exported, tmp_path):
     raw = json.loads((ckpt / "config.json").read_text())
     legacy = {k: v for k, v in raw.items() if k != "layers_block_type"} | {"hybrid_override_pattern": "M*-E"}
     cfg = config_from_hf(legacy)
-    assert cfg.mixers == ("mamba", "attention", "mlp", "moe") and cfg.layer_types == ("mamba", "attention", "ffn", "ffn")
+    # layer_types are contract kinds (scan_export.json's names): the Mamba layers are Mamba-2 mixers
+    assert cfg.mixers == ("mamba", "attention", "mlp", "moe") and cfg.layer_types == ("mamba2", "attention", "ffn", "ffn")
     assert config_from_hf(raw | {"layers_block_type": ["mamba", "attention"]}).mixers == ("mamba", "attention")
     msg = _config_error(ckpt, tmp_path, layers_block_type=["linear_attention", "sliding_attention"])
     assert msg.endswith("field 'layers_block_type': layer 1 is 'sliding_attention'; supported values are "

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from ..errors import ScanExportError
-from ..runtime.contract import TOKENIZER_FILES
+from ..contract import TOKENIZER_FILES
 
 # ORG/NAME as the Hub spells repository ids: letters, digits, '-', '_', '.'; no leading '.', no '..'.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

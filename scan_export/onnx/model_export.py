@@ -28,11 +28,10 @@ import onnx
 from ..errors import ScanExportError
 from ..resources import require_memory
 # The contract's names live with its reader.
-from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, MODEL_FILE,
-                                TOKENIZER_FILES)
+from ..contract import (ATTENTION_MASK, DESCRIPTION_FILE, LOGITS_TO_KEEP, MODEL_FILE, TOKENIZER_FILES, cache_names, describe,
+                        describe_hybrid)
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
-from .hybrid_contract import FORMAT_VERSION, cache_names, describe_hybrid, mamba_state_entry
 from .output_dir import HASHES, OWNER_FILE, check_room, hash_files, plan_output_dir, staged_output
 from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_block_size, check_quantize_args,
                        check_target_quantize, quantize_file)
@@ -42,15 +41,6 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, with headroom for
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 # The genai target's logits_to_keep default: every position, the logits shape genai binds.
 GENAI_LOGITS_TO_KEEP = 0
-
-
-def state_names(num_layers: int) -> list[tuple[str, str]]:
-    """[(input name, output name)] in the order the graph takes them: conv then ssm, layer by layer."""
-    names = []
-    for i in range(num_layers):
-        for kind in ("conv_state", "ssm_state"):
-            names.append((f"past.{i}.{kind}", f"present.{i}.{kind}"))
-    return names
 
 
 def add_logits_to_keep(model: onnx.ModelProto, default: int | None = None) -> onnx.ModelProto:
@@ -137,34 +127,6 @@ def name_dims(model: onnx.ModelProto, description: dict) -> onnx.ModelProto:
     return model
 
 
-def describe(cfg, dtype: str, target, node_count: int) -> dict:
-    conv_shape, ssm_shape = cfg.state_shapes()
-    state = []
-    for i in range(cfg.num_hidden_layers):
-        state.append({"layer": i, "kind": "mamba2" if cfg.model_type == "mamba2" else "mamba",
-                      **mamba_state_entry(i, conv_shape, ssm_shape, dtype)})
-    return {
-        "format": FORMAT, "version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_type": cfg.model_type,
-        "dtype": dtype, "ir_version": target.ir_version, "opset": target.opset, "target": target.name,
-        "vocab_size": cfg.vocab_size, "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "state_size": cfg.state_size, "conv_kernel": cfg.conv_kernel,
-        "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id, "node_count": node_count,
-        "inputs": [{"name": "input_ids", "shape": ["batch", "seqlen"], "dtype": "int64"}]
-        + [{"name": s[kind]["input"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
-           for s in state for kind in ("conv_state", "ssm_state")]
-        + [{"name": LOGITS_TO_KEEP, "shape": [], "dtype": "int64",
-            "meaning": "0: logits for every position; k > 0: for the last k positions only (generation needs 1)",
-            # genai target: a host may leave it unfed (onnxruntime-genai does; the web host must).
-            **({"default": GENAI_LOGITS_TO_KEEP} if target.genai else {})}],
-        "outputs": [{"name": "logits", "shape": ["batch", "logits_len", cfg.vocab_size], "dtype": dtype,
-                     "meaning": "logits_len = seqlen, or min(logits_to_keep, seqlen) when logits_to_keep > 0"}]
-        + [{"name": s[kind]["output"], "shape": s[kind]["shape"], "dtype": s[kind]["dtype"]}
-           for s in state for kind in ("conv_state", "ssm_state")],
-        "state": state,
-        "state_init": "zeros: a new sequence starts from all-zero conv and ssm states",
-    }
-
-
 def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = DEFAULT_TARGET,
                  opset: int | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
                  example_seqlen: int = 8, lowering: str | None = None, scan_form: str | None = None,
@@ -242,7 +204,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
                           tuple({0: "batch", 2: "past_seqlen"} if g else {0: "batch"} for g in grows))
         input_names = ["input_ids", ATTENTION_MASK, *(i for i, _ in names)]
     else:
-        names = state_names(cfg.num_hidden_layers)
+        names = cache_names(cfg)
         example_state = model.zero_state(2)
         example_args = (example_ids, *example_state)
         # forward(ids, *states). Named axes: torch's exporter writes these names into the graph (and
@@ -265,7 +227,11 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
         if written_opset != tgt.opset:  # a bug (resolve_target bounds the opset): never describe what we did not write
             raise RuntimeError(f"asked the exporter for opset {tgt.opset}, it wrote {written_opset}")
         add_logits_to_keep(proto, default=GENAI_LOGITS_TO_KEEP if tgt.genai else None)
-        description = (describe_hybrid if hybrid else describe)(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
+        if hybrid:
+            description = describe_hybrid(cfg, DTYPES[dtype], tgt, len(proto.graph.node))
+        else:
+            description = describe(cfg, DTYPES[dtype], tgt, len(proto.graph.node),
+                                   logits_to_keep_default=GENAI_LOGITS_TO_KEEP if tgt.genai else None)
         name_dims(proto, description)
         # Checked (full) where it is written; one file up to protobuf's limit, else + model.onnx.data.
         single_file = model_bytes(proto) <= external_data_bytes

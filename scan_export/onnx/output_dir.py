@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ..errors import ScanExportError
 from ..resources import free_disk, human_bytes
-from ..runtime.contract import DESCRIPTION_FILE, FORMAT, LEGACY_FILES, plain_name
+from ..contract import DESCRIPTION_FILE, FORMAT, LEGACY_FILES, plain_name
 
 STAGING_PREFIX = ".scan-export-staging-"
 # In every staging directory until its files move into place: who is writing it (stale_staging).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contract import ATTENTION_MASK, LOGITS_TO_KEEP
+from ..contract import ATTENTION_MASK, LOGITS_TO_KEEP
 
 
 class PlainDecoder:

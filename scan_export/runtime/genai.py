@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ScanExportError
-from .contract import read_description
+from ..contract import read_description
 from .generate import DESCRIPTION_FILE, FORMAT, Sampling  # noqa: F401 (re-exported)
 
 GENAI_CONFIG_FILE = "genai_config.json"

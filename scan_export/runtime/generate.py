@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ScanExportError, describe_value
 from .binding import BoundDecoder, PlainDecoder
-from .contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, check_graph_matches,  # noqa: F401
+from ..contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS_TO_KEEP, check_graph_matches,  # noqa: F401
                        read_description)
 from .session import make_session, run_checked
 from .streaming import TextStreams

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from ...contract.kinds import ATTENTION, FFN, KIND_PARTS, MAMBA1, MAMBA2, PARALLEL, attention_cache, mamba_cache  # noqa: F401 (re-exported)
 from ...errors import ScanExportError
 from .activations import read_activation
 
@@ -167,6 +168,17 @@ class MambaLMConfig:
             return conv, (self.num_heads, self.head_dim, self.state_size)
         return conv, (self.state_size, self.intermediate_size)
 
+    @property
+    def layer_kind(self) -> str:
+        return MAMBA2 if self.model_type == "mamba2" else MAMBA1
+
+    def cache_tensors(self):
+        return mamba_cache(*self.state_shapes())
+
+    def cache_layout(self):
+        """[(layer, kind, [CacheTensor])] in the graph's order (HybridConfig.cache_layout's form)."""
+        return [(i, self.layer_kind, self.cache_tensors()) for i in range(self.num_hidden_layers)]
+
 
 def _json_float(v) -> float:
     """transformers writes infinity into config.json as {"__float__": "Infinity"}."""
@@ -180,14 +192,12 @@ def _json_float(v) -> float:
 # ------------------------------------------------------------------------------------------------
 # Hybrid models: Mamba-2 layers and attention layers in one stack (bamba, granitemoehybrid, ...)
 
-# A hybrid layer's kind says which cache tensors it carries (HybridConfig.cache_layout):
-#   MAMBA ("mamba", a Mamba-2 mixer): conv_state, ssm_state     ATTENTION: key, value
-#   PARALLEL (Falcon-H1: Mamba-2 and attention side by side): conv_state, ssm_state, key, value
-#   FFN (Nemotron-H's MLP / MoE layers): nothing
-#   MAMBA1 ("mamba1", Jamba's Mamba-1 mixer): conv_state (K−1, d), ssm_state (n, d), channels last
-MAMBA, ATTENTION, PARALLEL, FFN, MAMBA1 = "mamba", "attention", "parallel", "ffn", "mamba1"
+# A layer's kind (contract/kinds.py: MAMBA1, MAMBA2, ATTENTION, PARALLEL, FFN, the names
+# scan_export.json uses) says which of its config's parts carry a cache; each part's
+# cache_tensors() says which tensors (HybridConfig.cache_layout).
+MAMBA = MAMBA2  # the hybrids' Mamba layers (Mamba-2 mixers)
 # transformers' names for a layer's kind, current and legacy (configuration_utils._LEGACY_LAYER_TYPE_REMAP).
-LAYER_TYPE_NAMES = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION}
+LAYER_TYPE_NAMES = {"linear_attention": MAMBA2, "mamba": MAMBA2, "full_attention": ATTENTION, "attention": ATTENTION}
 ROPE_TYPES = ("default", "linear")
 
 
@@ -216,6 +226,9 @@ class Mamba2Dims:
     def state_shapes(self) -> tuple[tuple, tuple]:
         return (self.conv_kernel - 1, self.conv_dim), (self.num_heads, self.head_dim, self.state_size)
 
+    def cache_tensors(self):
+        return mamba_cache(*self.state_shapes())
+
 
 @dataclass(frozen=True)
 class Mamba1Dims:
@@ -239,6 +252,9 @@ class Mamba1Dims:
         """The Mamba-1 exports' layout (MambaLMConfig.state_shapes): both channels last."""
         return (self.conv_kernel - 1, self.intermediate_size), (self.state_size, self.intermediate_size)
 
+    def cache_tensors(self):
+        return mamba_cache(*self.state_shapes())
+
 
 @dataclass(frozen=True)
 class RopeSpec:
@@ -259,6 +275,9 @@ class AttentionDims:
     bias: bool
     rope: RopeSpec | None  # None: no position embedding at all (granite's position_embedding_type None)
 
+    def cache_tensors(self):
+        return attention_cache(self.num_kv_heads, self.head_dim)
+
 
 @dataclass(frozen=True)
 class HybridConfig:
@@ -268,7 +287,7 @@ class HybridConfig:
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
-    layer_types: tuple[str, ...]  # MAMBA, ATTENTION, PARALLEL, FFN or MAMBA1 per layer
+    layer_types: tuple[str, ...]  # a kind per layer (contract/kinds.py)
     rms_norm_eps: float
     mamba: Mamba2Dims | Mamba1Dims  # Mamba1Dims for a model whose Mamba layers are MAMBA1
     attention: AttentionDims
@@ -294,21 +313,13 @@ class HybridConfig:
     def conv_kernel(self) -> int:
         return self.mamba.conv_kernel
 
-    def cache_layout(self) -> list[tuple[int, str, list[tuple[str, tuple, str]]]]:
-        """[(layer, kind, [(tensor, shape without batch, dtype class)])] in the graph's order.
+    def cache_layout(self):
+        """[(layer, kind, [CacheTensor (name, shape without batch, dtype class)])] in the graph's order.
         dtype class "state" is float32 (the scan state); "model" is the model dtype. The KV cache's
-        sequence axis is the string "past_seqlen"."""
-        kv = (self.attention.num_kv_heads, "past_seqlen", self.attention.head_dim)
-        out = []
-        for i, kind in enumerate(self.layer_types):
-            mamba = attention = []
-            if kind in (MAMBA, PARALLEL, MAMBA1):
-                conv, ssm = self.mamba.state_shapes()
-                mamba = [("conv_state", conv, "model"), ("ssm_state", ssm, "state")]
-            if kind in (ATTENTION, PARALLEL):
-                attention = [("key", kv, "model"), ("value", kv, "model")]
-            out.append((i, kind, mamba + attention))
-        return out
+        sequence axis is the string "past_seqlen". Each kind's parts (kinds.KIND_PARTS: this
+        config's `mamba`, `attention`) declare their own tensors."""
+        return [(i, kind, [t for part in KIND_PARTS[kind] for t in getattr(self, part).cache_tensors()])
+                for i, kind in enumerate(self.layer_types)]
 
 
 def json_float(v) -> float:

@@ -1,8 +1,8 @@
-"""The export directory's contract (docs/deploy.md): file names, and reading scan_export.json safely.
+"""Reading scan_export.json safely, and checking the graph onnxruntime loaded against it.
 
-Both sides use these names: onnx/model_export.py writes them, runtime/generate.py and the Node/web
-hosts read them. A description that is not what we write is refused with one line naming the file
-and the field, never a KeyError deep inside generation.
+onnx/model_export.py writes what these check; runtime/generate.py and the hosts' tests read it. A
+description that is not what we write is refused with one line naming the file and the field,
+never a KeyError deep inside generation.
 """
 
 from __future__ import annotations
@@ -10,22 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ScanExportError, describe_value, read_json_object
+from .names import DESCRIPTION_FILE, DIM_NAMES, FORMAT, STATE_DTYPES, SUPPORTED_VERSIONS
 
-FORMAT = "scan_export/mamba-lm"
-DESCRIPTION_FILE = "scan_export.json"
-MODEL_FILE = "model.onnx"
-LOGITS_TO_KEEP = "logits_to_keep"
-ATTENTION_MASK = "attention_mask"  # hybrid exports (version 4): (batch, past_seqlen + seqlen) int64
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json")
-# Every name an export before the `files` manifest (format version 3) could have written.
-LEGACY_FILES = [MODEL_FILE, MODEL_FILE + ".data", DESCRIPTION_FILE, *TOKENIZER_FILES]
-# 1: first; 2: Mamba-1 ssm_state channels-last, logits_to_keep input; 3: `files` lists what was written;
-# 4: hybrid models (KV caches, attention_mask), state tensors say how they start ("init").
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
-STATE_DTYPES = ("float32", "float16")
-# The named (dynamic) dims a description uses; generate gives each its meaning (zero_state, prefill).
-DIM_NAMES = ("batch", "seqlen", "logits_len", "past_seqlen", "total_seqlen")
 REQUIRED = {"model_file": str, "model_type": str, "dtype": str, "vocab_size": int, "num_layers": int,
             "inputs": list, "outputs": list, "state": list}
 
