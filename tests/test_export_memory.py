@@ -17,8 +17,9 @@ transformers = pytest.importorskip("transformers", reason="the parity tests comp
 
 from scan_export.bench.export_memory import make_synthetic_checkpoint  # noqa: E402
 from scan_export.onnx.model_export import export_model  # noqa: E402
-from scan_export.onnx.weights import (CheckpointWeights, assemble_single_file,  # noqa: E402
-                                      checkpoint_tensors)
+from scan_export.onnx.fake_params import CheckpointWeights  # noqa: E402
+from scan_export.onnx.lazy_checkpoint import checkpoint_tensors  # noqa: E402
+from scan_export.onnx.proto_assembly import assemble_single_file  # noqa: E402
 from scan_export.runtime.generate import ExportedMamba  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 

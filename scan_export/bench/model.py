@@ -52,7 +52,7 @@ def decode_bytes(model_path) -> int:
     (one row per token; a table the lm_head also reads counts in full)."""
     import onnx
 
-    from ..onnx.weights import _ext
+    from ..onnx.proto_assembly import _ext
 
     model = onnx.load(str(model_path), load_external_data=False)
     users: dict[str, set] = {}
