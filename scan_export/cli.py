@@ -159,31 +159,66 @@ def cmd_check(args):
 
 
 def _add_bench(sub):
-    p = sub.add_parser("bench", help="time the scan implementations side by side")
-    p.add_argument("--model", action="store_true", help="whole-model prefill/decode vs transformers instead of the scan")
-    p.add_argument("--ssd", action="store_true", help="the Mamba-2 SSD scan instead of the Mamba-1 scan")
-    p.add_argument("--export-memory", action="store_true",
-                   help="peak RSS and time of export-model on a 130m-shaped and a 3.3 GB checkpoint (random weights)")
-    p.add_argument("--regime", default=None, choices=["easy", "init", "heavy"],
-                   help="scan and --ssd only: the input regime (default: init)")
-    p.add_argument("--repeats", type=repeat_count, default=None, help="timed runs per contender (default: 5; 3 with --model)")
-    p.add_argument("--chunk-size", type=_chunk_size, default=None,
-                   help=f"scan only: the chunked form's T, at most {MAX_CHUNK_SIZE} (default: 16)")
-    p.add_argument("--plain", action="store_const", const=True, default=None,
-                   help="scan only: also time a module exported by plain torch.onnx.export against our export()")
-    p.add_argument("--json", dest="json_path", default=None, help="also write the results here (a new file, or one bench wrote)")
-    p.add_argument("--configs", default=None, help="with --model: comma-separated, from tiny,130m (and for granitemoehybrid moe-8e,moe-32e: "
-                        "6 of its 130m layers with 8 or 32 experts, top 2; default: tiny,130m)")
-    p.add_argument("--model-type", default=None, choices=["mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h",
-                                                          "falcon_h1", "jamba", "zamba2"],
-                   help="with --model (default: mamba)")
-    p.add_argument("--prefill-len", type=token_count, default=None, help="with --model: prompt tokens (default: 512)")
-    p.add_argument("--decode-tokens", type=token_count, default=None,
-                   help="with --model: decode steps timed (default: 32)")
-    p.add_argument("--quantize", default=None,
-                   help="with --model: comma-separated from int8,int4: also time these exports next to fp32 (prefill, "
-                        "decode, file size, weight-streaming floor, ops per decode token)")
+    from .bench import BENCHES, DEFAULT
+
+    p = sub.add_parser("bench", help="time the scan implementations (or a whole model) side by side",
+                       description="time implementations side by side in one run: "
+                                   + "; ".join(f"{b.name}: {b.help}" for b in BENCHES.values()))
+    # add_parser takes no parser class; this one rewrites the old spellings before parsing.
+    p.__class__ = _BenchParser
+    kinds = {"repeats": repeat_count, "chunk_size": _chunk_size, "token_count": token_count,
+             "max_chunk_size": MAX_CHUNK_SIZE}
+    benches = _Subparsers(p.add_subparsers(dest="bench", metavar="BENCH", required=True, parser_class=_Parser,
+                                           help=f"which bench: {', '.join(BENCHES)} (default: {DEFAULT}, also "
+                                                f"when only flags follow `bench`)"))
+    p.benches = {}
+    for bench in BENCHES.values():
+        bp = p.benches[bench.name] = benches.add_parser(bench.name, help=bench.help)
+        bench.add_arguments(bp, kinds)
+        bp.add_argument("--json", dest="json_path", default=None,
+                        help="also write the results here (a new file, or one bench wrote)")
     p.set_defaults(func=cmd_bench)
+
+
+def _bench_argv(args: list[str]) -> list[str]:
+    """The spellings from before `bench NAME`, as aliases: `bench --ssd ...` is `bench ssd ...`, and
+    flags alone (or nothing) after `bench` mean the scan bench."""
+    from .bench import BENCHES, DEFAULT
+
+    if args and args[0] in BENCHES:
+        return args
+    old = {b.old_flag: b.name for b in BENCHES.values() if b.old_flag}
+    chosen = [a for a in args if a in old]
+    if len(chosen) > 1:
+        raise ScanExportError(f"bench: {', '.join(old)} each choose what to time; give one of them, "
+                              f"got {' '.join(chosen)}")
+    if not chosen and any(a in ("-h", "--help") for a in args):
+        return args  # `bench --help`: the list of benches
+    return [old[chosen[0]] if chosen else DEFAULT, *(a for a in args if a not in old)]
+
+
+class _BenchParser(_Parser):
+    """`bench`: the old spellings become subcommands first, and a flag of another bench is refused
+    naming the bench it belongs to."""
+
+    benches: dict  # name -> that bench's parser, filled by _add_bench
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = _bench_argv(list(sys.argv[1:] if args is None else args))
+        namespace, extras = super().parse_known_args(args, namespace)
+        flags = [a.split("=")[0] for a in extras if a.startswith("-")]
+        if flags:
+            owners = [name for name, p in self.benches.items() if flags[0] in p._option_string_actions]
+            belongs = f"an argument of bench {', '.join(owners)}" if owners else "no argument of any bench"
+            raise ScanExportError(f"bench {args[0]}: {flags[0]} is {belongs}; expected one of "
+                                  f"{', '.join(self.flags_of(args[0]))}, got {' '.join(extras)} "
+                                  f"(see {PROG} bench {args[0]} --help)")
+        if extras:
+            raise ScanExportError(f"bench {args[0]}: expected no positional arguments, got {' '.join(extras)}")
+        return namespace, extras
+
+    def flags_of(self, name: str) -> list[str]:
+        return [a.option_strings[-1] for a in self.benches[name]._actions if a.option_strings and a.dest != "help"]
 
 
 def _bench_json_is_ours(path) -> bool:
@@ -197,49 +232,15 @@ def _bench_json_is_ours(path) -> bool:
 
 
 def cmd_bench(args):
-    from .bench import (bench_model, bench_scan, bench_ssd, format_model_bench, format_scan_bench, format_ssd_bench,
-                        write_json)
+    from .bench import BENCHES
+    from .bench.common import write_json
     from .onnx.output_dir import check_output_file
 
-    if args.model + args.ssd + args.export_memory > 1:
-        raise ScanExportError("bench: --model, --ssd and --export-memory each choose what to time; give one of them")
-    model_only = {"configs": "--configs", "model_type": "--model-type", "prefill_len": "--prefill-len",
-                  "decode_tokens": "--decode-tokens", "quantize": "--quantize"}
-    if not args.model:
-        require_flag(args, "--model", model_only)
-    if args.model:
-        require_flag(args, "the scan benches (no --model)", {"regime": "--regime", "chunk_size": "--chunk-size"})
-    if args.ssd:
-        require_flag(args, "the Mamba-1 scan bench (no --ssd)", {"chunk_size": "--chunk-size"})
-    if args.ssd or args.model:
-        require_flag(args, "the Mamba-1 scan bench (no --ssd, no --model)", {"plain": "--plain"})
+    bench = BENCHES[args.bench]
     if args.json_path is not None:
         check_output_file(args.json_path, ours=_bench_json_is_ours, what="--json", parent_must_exist=True)
-    if args.export_memory:
-        from .bench import bench_export_memory, format_export_memory_bench
-
-        require_flag(args, "the scan benches (no --export-memory)", {"regime": "--regime", "chunk_size": "--chunk-size",
-                                                                    "repeats": "--repeats"})
-        results = bench_export_memory()
-        print(format_export_memory_bench(results))
-    elif args.ssd:
-        results = bench_ssd(regime=args.regime or "init", repeats=args.repeats or 5)
-        print(format_ssd_bench(results))
-    elif args.model:
-        configs = tuple(c.strip() for c in ("tiny,130m" if args.configs is None else args.configs).split(",") if c.strip())
-        if not configs:
-            raise ScanExportError(f"bench: --configs expected names from tiny,130m, got {args.configs!r}")
-        quantize = tuple(q.strip() for q in (args.quantize or "").split(",") if q.strip())
-        if args.quantize is not None and (not quantize or any(q not in ("int8", "int4") for q in quantize)):
-            raise ScanExportError(f"bench: --quantize expected names from int8,int4, got {args.quantize!r}")
-        results = bench_model(configs=configs, prefill_len=args.prefill_len or 512,
-                              decode_tokens=args.decode_tokens or 32, repeats=args.repeats or 3,
-                              model_type=args.model_type or "mamba", quantize=quantize)
-        print(format_model_bench(results))
-    else:
-        results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size,
-                             plain=bool(args.plain))
-        print(format_scan_bench(results))
+    results = bench.run(args)
+    print(bench.format(results))
     if args.json_path:
         write_json({"written_by": PROG, **results}, args.json_path)
     return 0

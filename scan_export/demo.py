@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .errors import read_json_object
+
 
 DEMO_ENTRIES = {"checkpoint", "export"}
 # In workdir/checkpoint: {file: sha256} of what the demo wrote there, so that a later demo rewrites
@@ -82,7 +84,7 @@ def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=No
         t0 = time.perf_counter()
         ckpt = make_tiny_checkpoint(root / "checkpoint", model_type)
         _record_checkpoint(ckpt)
-        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg = read_json_object(ckpt / "config.json")
         layers = cfg.get("num_hidden_layers") or len(cfg.get("layers_block_type") or [])  # nemotron_h: the pattern's
         say(f"1. checkpoint   {ckpt}  ({model_type}, {layers} layers, "
             f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}, random seed 0)")

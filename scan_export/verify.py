@@ -12,7 +12,6 @@ Like check.py, this is where torch, transformers and onnxruntime meet; deploymen
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ScanExportError
+from .errors import ScanExportError, read_json_object
 from .runtime.generate import DESCRIPTION_FILE, ExportedMamba, generate
 from .runtime.parity import OutputMismatch, compare
 
@@ -218,12 +217,12 @@ def read_checkpoint_config(checkpoint_dir, description: dict, export_dir) -> dic
         raise ScanExportError(f"--checkpoint {str(path)!r}: expected a Hugging Face checkpoint directory with "
                               f"config.json, got {'a directory without one' if path.is_dir() else 'no such directory'}")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScanExportError(f"--checkpoint {str(path)!r}: config.json is not readable JSON ({e})") from None
+        cfg = read_json_object(cfg_path)  # the reader export-model used on it: an object, or one line
+    except OSError as e:
+        raise ScanExportError(f"--checkpoint {str(path)!r}: config.json is not readable ({e})") from None
     source = f"{Path(export_dir) / DESCRIPTION_FILE}"
     got = cfg
-    if isinstance(cfg, dict) and cfg.get("model_type") == "nemotron_h":
+    if cfg.get("model_type") == "nemotron_h":
         # Nemotron-H's layer count is its layer pattern's length (num_hidden_layers is not written, or ignored)
         from .reference.models.nemotron_h import block_types
 

@@ -237,7 +237,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(built, tmp_path, monkeypatch
     """ENOSPC half-way through writing the model (simulated: the disk of this machine is not full)."""
     import errno
 
-    import scan_export.onnx.weights as weights
+    import scan_export.onnx.fake_params as weights
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "model.onnx"))

@@ -5,7 +5,7 @@ import json
 import onnx
 import pytest
 
-from scan_export.bench import bench_scan
+from scan_export.bench.scan import bench_scan
 from scan_export.cli import build_parser, main, scan_spec_from_args
 from scan_export.onnx.scan_model import ScanModelSpec, read_scan_spec
 
@@ -78,7 +78,7 @@ def test_bench_reports_every_implementation_and_ratio(tmp_path):
 
 
 def test_ssd_bench_reports_every_implementation(tmp_path):
-    from scan_export.bench import bench_ssd, format_ssd_bench
+    from scan_export.bench.ssd import bench_ssd, format_ssd_bench
 
     results = bench_ssd(shape=(1, 2, 4, 8, 40), repeats=1)
     assert len(results["median_ms"]) == 4 and "SSD scan" in format_ssd_bench(results)

@@ -15,10 +15,11 @@ from onnx import numpy_helper
 
 transformers = pytest.importorskip("transformers", reason="the parity tests compare against transformers")
 
-from scan_export.bench import make_synthetic_checkpoint  # noqa: E402
+from scan_export.bench.export_memory import make_synthetic_checkpoint  # noqa: E402
 from scan_export.onnx.model_export import export_model  # noqa: E402
-from scan_export.onnx.weights import (CheckpointWeights, assemble_single_file,  # noqa: E402
-                                      checkpoint_tensors)
+from scan_export.onnx.fake_params import CheckpointWeights  # noqa: E402
+from scan_export.onnx.lazy_checkpoint import checkpoint_tensors  # noqa: E402
+from scan_export.onnx.proto_assembly import assemble_single_file  # noqa: E402
 from scan_export.runtime.generate import ExportedMamba  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
@@ -33,7 +34,7 @@ BIG = dict(vocab_size=65536, hidden_size=2048, num_hidden_layers=2, tie_word_emb
 def _peak_rss_of_cli_export(ckpt, out) -> int:
     """`scan-export export-model --quiet` in a fresh interpreter; its own peak RSS, VmHWM (not
     ru_maxrss: Linux carries the forking parent's peak, pytest's here, across exec into it)."""
-    code = ("import sys; from scan_export.cli import main; from scan_export.bench import _vm; "
+    code = ("import sys; from scan_export.cli import main; from scan_export.bench.export_memory import _vm; "
             "rc = main(sys.argv[1:]); print('PEAK', _vm('VmHWM')); sys.exit(rc)")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", code, "export-model", str(ckpt), "--out", str(out), "--quiet"],

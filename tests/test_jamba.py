@@ -178,7 +178,7 @@ def test_experts_load_stacked_or_per_expert(tmp_path):
 def test_lean_loader_streams_stacked_experts(tmp_path):
     """The memory-lean export's source for a stacked parameter reads any rows, converted, as the
     eager stack holds them."""
-    from scan_export.onnx.weights import StackedSource, checkpoint_tensors
+    from scan_export.onnx.lazy_checkpoint import StackedSource, checkpoint_tensors
     from scan_export.reference.models.loading import stack_rows, stacked_tensors
 
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "jamba")

@@ -224,7 +224,7 @@ def test_demo_refuses_a_changed_earlier_checkpoint(tmp_path, capsys):
 @pytest.mark.parametrize("model_type", ["mamba", "granitemoehybrid"])
 def test_hashes_taken_while_writing_are_the_files(tmp_path, model_type, monkeypatch):
     """The > 2 GB layout (model.onnx + model.onnx.data) records the data file's sha256 as the export
-    wrote it (weights._FollowingHasher, behind the writer, with transposed weights written out of
+    wrote it (fake_params._FollowingHasher, behind the writer, with transposed weights written out of
     order and small tensors appended at the end): it must be the finished file's hash, or a later
     export could never prove that file ours. A hybrid has more weight kinds (experts, KV projections)."""
     from scan_export.onnx import output_dir

@@ -330,7 +330,7 @@ def test_export_model_scan_form_flag(tmp_path, capsys):
 
 @pytest.mark.parametrize("model_type", ["mamba", "mamba2"])
 def test_model_bench_reports_ratios_and_floor(model_type):
-    from scan_export.bench import bench_model, format_model_bench
+    from scan_export.bench.model import bench_model, format_model_bench
 
     results = bench_model(configs=("tiny",), prefill_len=16, decode_tokens=2, repeats=1, model_type=model_type)
     (m,) = results["models"]

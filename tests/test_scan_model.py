@@ -106,6 +106,24 @@ def test_bad_spec_is_refused():
         build_scan_model(ScanModelSpec(scan_form="parallel"))
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"dstate": 0}, "dstate: expected a positive integer or None"),
+    ({"chunk_size": True}, "chunk_size: expected a positive integer"),
+    ({"groups": 0}, "groups must be >= 1"),
+    ({"dtype": "bfloat16"}, "dtype must be one of"),
+])
+def test_both_op_specs_make_the_same_checks(fields, message):
+    """ScanModelSpec and SSDModelSpec share their checks (onnx/op_spec.py): each refuses alike."""
+    from scan_export.errors import ScanExportError
+    from scan_export.onnx.ssd_model import SSDModelSpec
+
+    for spec in (ScanModelSpec, SSDModelSpec):
+        with pytest.raises(ScanExportError, match=message):
+            spec(**fields)
+    with pytest.raises(ScanExportError, match="heads=6 must be divisible by groups=4"):
+        SSDModelSpec(heads=6, groups=4)
+
+
 @pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-6), (np.float64, 1e-14)])
 def test_softplus_lowering_keeps_relative_precision(dtype, rtol):
     """Δ = softplus(x) as the lowering writes it, against numpy's exact logaddexp(0, x) in float64

@@ -128,7 +128,7 @@ def export(module, args, path=None, *, kwargs=None, dynamic_shapes=None, input_n
     lowering applies to Mamba-2 (SSD) scans: "portable" (Loop over chunks, opset >= 18) or
     "native" (ONNX opset 27 LinearAttention; needs a target such as ort-1.32).
     scan_form applies to Mamba-1 scans: "sequential" (default) or "chunked".
-    weights (whole-model export, weights.py): a CheckpointWeights for a module traced with fake
+    weights (whole-model export, fake_params.py): a CheckpointWeights for a module traced with fake
     parameters; they are written to weights.data_path as the graph's external data right after
     tracing, and the returned proto refers to that file (it is checked where it is saved, by
     weights.finish, not here). progress: a progress.Progress called as each step starts and ends.

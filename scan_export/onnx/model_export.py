@@ -145,7 +145,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     quantize: "none" (default), "int8" or "int4": weight-only MatMulNBits after the model is written
     (quantize.py), in blocks of block_size (default 32) at accuracy_level (default 4); fp32 only.
     The weights are never all in memory: the model is traced with fake parameters and the weights
-    stream from the checkpoint into the output file (weights.py).
+    stream from the checkpoint into the output file (fake_params.py).
     """
     import torch
 
@@ -153,7 +153,8 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     from ..reference.models import HYBRID_MODEL_TYPES, checked_config
     from ..reference.models.config import lower_bound_bytes
     from .export import export
-    from .weights import DATA_SUFFIX, fake_model, model_bytes
+    from .fake_params import fake_model
+    from .proto_assembly import DATA_SUFFIX, model_bytes
 
     if dtype not in DTYPES:
         raise ScanExportError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")

@@ -38,7 +38,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ScanExportError
+from ..errors import ScanExportError, read_json_object
 from ..resources import free_disk, human_bytes
 from ..contract import DESCRIPTION_FILE, FORMAT, LEGACY_FILES, plain_name
 
@@ -90,7 +90,7 @@ def is_ours(path: Path, digest) -> bool:
 
 def hash_files(directory: Path, names, known: dict[str, tuple[int, str]] | None = None) -> dict[str, str]:
     """{name: sha256} of directory/name for each name. known: {name: (size, sha256)} hashed while the
-    file was written (weights.CheckpointWeights.data_digest), taken when the file still has that size."""
+    file was written (fake_params.CheckpointWeights.data_digest), taken when the file still has that size."""
     known = known or {}
     out = {}
     for n in sorted(names):
@@ -120,10 +120,10 @@ def previous_export(directory: Path) -> PreviousExport | None:
     if not desc.is_file() or desc.is_symlink():
         return None
     try:
-        d = json.loads(desc.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        d = read_json_object(desc)
+    except (OSError, ScanExportError):  # not readable as ours: no claim, and the directory is not ours to replace
         return None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
+    if d.get("format") != FORMAT:
         return None
     files = d.get("files", LEGACY_FILES)  # exports before the manifest wrote only these names
     hashes = d.get(HASHES)

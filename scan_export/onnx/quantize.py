@@ -196,7 +196,7 @@ def quantize_proto(model: onnx.ModelProto, bits: int, block_size: int, accuracy_
 def quantize_file(path, bits: int, block_size: int, accuracy_level: int, *, single_file: bool) -> dict:
     """Quantize the model written at path in place (one file, or + path.data), check it, and return
     the record. The fp32 weights are loaded once (a quantized export is not memory-lean)."""
-    from .weights import DATA_SUFFIX
+    from .proto_assembly import DATA_SUFFIX
 
     path = Path(path)
     model = onnx.load(str(path))

@@ -10,16 +10,16 @@ import json
 from dataclasses import asdict, dataclass
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from ..reference.selective_scan import DEFAULT_CHUNK_SIZE
 from .lowering.graph_builder import GraphBuilder, value_info
 from .lowering.selective_scan import SelectiveScanConfig, emit_selective_scan
+from .op_spec import ELEM_TYPES, check_op_spec
 from .targets import DEFAULT_SCAN_FORM, DEFAULT_TARGET, SCAN_FORMS, resolve_target
 from ..errors import ScanExportError
 
 SPEC_KEY = "scan_export.scan_spec"
-ELEM_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True)
@@ -39,20 +39,9 @@ class ScanModelSpec:
     scan_form: str = DEFAULT_SCAN_FORM  # "sequential" | "chunked", see lowering/selective_scan.py
 
     def __post_init__(self):
-        for name in ("dim", "dstate"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ScanExportError(f"{name}: expected a positive integer or None (dynamic), got {v!r}")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ScanExportError(f"chunk_size: expected a positive integer, got {self.chunk_size!r}")
+        check_op_spec(self, sizes=("dim", "dstate"), divided="dim")
         if self.scan_form not in SCAN_FORMS:
             raise ScanExportError(f"scan_form: expected one of {list(SCAN_FORMS)}, got {self.scan_form!r}")
-        if self.groups < 1:
-            raise ScanExportError(f"groups must be >= 1, got {self.groups}")
-        if self.dim is not None and self.dim % self.groups:
-            raise ScanExportError(f"dim={self.dim} must be divisible by groups={self.groups}")
-        if self.dtype not in ELEM_TYPES:
-            raise ScanExportError(f"dtype must be one of {sorted(ELEM_TYPES)}, got {self.dtype!r}")
 
     def input_shapes(self) -> dict[str, list]:
         d = self.dim if self.dim is not None else "dim"

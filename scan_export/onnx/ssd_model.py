@@ -13,9 +13,9 @@ import onnx
 from ..reference.ssd import SSD_DEFAULT_CHUNK_SIZE
 from .lowering.graph_builder import GraphBuilder, value_info
 from .lowering.ssd import SSDConfig, emit_ssd_scan
-from .scan_model import ELEM_TYPES, finish_op_model
+from .op_spec import ELEM_TYPES, check_op_spec
+from .scan_model import finish_op_model
 from .targets import DEFAULT_TARGET, resolve_target
-from ..errors import ScanExportError
 
 SSD_SPEC_KEY = "scan_export.ssd_spec"
 
@@ -40,10 +40,7 @@ class SSDModelSpec:
     lowering: str = "portable"
 
     def __post_init__(self):
-        if self.heads is not None and self.heads % self.groups:
-            raise ScanExportError(f"heads={self.heads} must be divisible by groups={self.groups}")
-        if self.dtype not in ELEM_TYPES:
-            raise ScanExportError(f"dtype must be one of {sorted(ELEM_TYPES)}, got {self.dtype!r}")
+        check_op_spec(self, sizes=("heads", "headdim", "dstate"), divided="heads")
         object.__setattr__(self, "dt_limit", tuple(self.dt_limit))
 
     def input_shapes(self) -> dict[str, list]:

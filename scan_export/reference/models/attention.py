@@ -40,7 +40,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.spec = spec
         # transformers' inv_freq, computed here by torch itself on real tensors (even while the
-        # memory-lean export builds the model under fake tensors, onnx/weights.py), kept as Python
+        # memory-lean export builds the model under fake tensors, onnx/fake_params.py), kept as Python
         # floats and put in the graph as a constant. Computing it in forward instead let the
         # exporter's constant folding recompute theta ** x with another pow: 2 ulps off at some
         # frequencies, which moved Falcon-H1's keys by 3.4e-6 relative at position 99 (on AMD EPYC).

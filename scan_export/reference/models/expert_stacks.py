@@ -1,6 +1,6 @@
 """Which checkpoint tensors stack into one expert parameter: the recipe the families whose
 checkpoints store each expert's matrices apart (jamba, nemotron_h) name as their `stacked`, and
-that both loaders (loading.stacked_tensors, onnx/weights.StackedSource) follow. A leaf module, so
+that both loaders (loading.stacked_tensors, onnx/lazy_checkpoint.StackedSource) follow. A leaf module, so
 that a family file and the loaders can both import it."""
 
 from __future__ import annotations

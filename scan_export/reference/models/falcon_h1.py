@@ -181,7 +181,7 @@ class FalconH1Mixer(nn.Module):
     def mup_vector(self, dtype) -> torch.Tensor | None:
         """transformers' compute_mup_vector: (d + conv_dim + h,), ssm_multipliers over [z | x | B | C | dt].
         Made here, not in __init__: the memory-lean export builds the model under fake tensors
-        (onnx/weights.py), where a buffer would have no values; in the graph it is a folded constant."""
+        (onnx/fake_params.py), where a buffer would have no values; in the graph it is a folded constant."""
         if all(v == 1.0 for v in self.ssm_multipliers):
             return None
         m = self.dims

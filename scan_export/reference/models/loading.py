@@ -201,7 +201,7 @@ def model_blueprint(checkpoint_dir):
     """(build, names) for any supported checkpoint, reading config.json only: build() makes the
     (unloaded) model; names(model, shapes) maps each of its parameters to the checkpoint tensor
     holding it, given the checkpoint's {name: shape}, and raises naming missing or misshapen weights.
-    The memory-lean export (onnx/weights.py) uses it to trace a model whose weights stay on disk."""
+    The memory-lean export (onnx/fake_params.py) uses it to trace a model whose weights stay on disk."""
     model_type = read_hf_config(checkpoint_dir).get("model_type")
     family = hybrid_families().get(model_type)
     if family is None:

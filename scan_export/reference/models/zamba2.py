@@ -24,7 +24,7 @@ the MLP adapters (a use_shared_mlp_adapter in older config.json files is not rea
 Sharing: as in transformers, hybrid layer j's `shared_transformer` IS block j % num_mem_blocks (one
 module object), so named_parameters() lists each shared tensor once, under the first hybrid layers'
 names: exactly the names save_pretrained writes (it drops the tied copies). Both loaders
-(loading.py, onnx/weights.fake_model) go by those names, so the export stores each once.
+(loading.py, onnx/fake_params.fake_model) go by those names, so the export stores each once.
 transformers 5.24 ties the blocks only when tie_word_embeddings is true (PreTrainedModel.
 get_expanded_tied_weights_keys returns no ties otherwise): an untied Zamba2 runs a block of its own
 in every hybrid layer, read from that layer's names (with block_id j % num_mem_blocks deciding which

@@ -1,4 +1,6 @@
-"""Memory-lean weights for whole-model export: the weights never sit in memory all at once.
+"""Memory-lean weights for whole-model export: the weights never sit in memory all at once. This module
+holds the fake-parameter model and the writer of its weights; the checkpoint is read lazily by
+lazy_checkpoint.py, the final file(s) are laid out by proto_assembly.py.
 
 The model is traced with fake parameters (shapes and dtypes only: torch.export never reads values).
 The traced graph's parameter initializers then become external references into OUT_DIR's
@@ -24,24 +26,21 @@ independent of the model's size (measured in README, "Export memory").
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import queue
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
-from ..errors import ScanExportError
 from ..progress import Progress, silent
+from .lazy_checkpoint import StackedSource, TensorSource, _numel, checkpoint_tensors
+from .proto_assembly import (BLOCK_BYTES, DATA_SUFFIX, _align, _compact, _external_refs, _move_inline_to_data,
+                             _wasted, assemble_single_file)
 
-DATA_SUFFIX = ".data"
-BLOCK_BYTES = 64 * 2**20  # rows read, converted and written per step
 EXTERNAL_FROM_BYTES = 1024  # with external data, smaller tensors stay in model.onnx (onnx.save_model's default)
-ALIGN_BYTES, ALIGN_FROM = 65536, 2**20  # tensors >= 1 MiB start at a 64 KiB offset (mmap-friendly, as onnx_ir does)
 
 
 def _fold_limit() -> int:
@@ -49,122 +48,6 @@ def _fold_limit() -> int:
     from onnxscript.optimizer import _constant_folding
 
     return _constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading checkpoint tensors lazily
-
-
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-@dataclass
-class TensorSource:
-    """One checkpoint tensor, not loaded: rows(r0, r1) reads rows [r0, r1) of its first axis."""
-
-    shape: tuple
-    dtype: object  # torch.dtype
-    path: Path
-    offset: int = 0  # safetensors: where the bytes start in path
-    tensor: object = None  # pytorch_model*.bin: the (mmap-backed where possible) tensor
-
-    def rows(self, r0: int, r1: int):
-        import torch
-
-        if self.tensor is not None:
-            return self.tensor[r0:r1] if self.shape else self.tensor
-        row = _numel(self.shape[1:]) * self.dtype.itemsize
-        n = (r1 - r0) * row if self.shape else self.dtype.itemsize
-        buf = bytearray(n)
-        with open(self.path, "rb") as f:  # plain reads: the page cache is not this process's RSS (mmap's would be)
-            f.seek(self.offset + r0 * row)
-            if f.readinto(buf) != n:
-                raise ScanExportError(f"{self.path}: expected a safetensors file, it ends inside a tensor (truncated?)")
-        t = torch.frombuffer(buf, dtype=self.dtype) if n else torch.empty(0, dtype=self.dtype)
-        return t.reshape(((r1 - r0), *self.shape[1:]) if self.shape else ())
-
-
-class StackedSource(TensorSource):
-    """A parameter the checkpoint stores in pieces (jamba's experts): row e of the stack is the
-    concatenation on axis 0 of parts[e] (TensorSources of equal trailing shape). rows(r0, r1) reads
-    only those rows' pieces, so the memory-lean export streams it like any other tensor."""
-
-    def __init__(self, parts: list[list[TensorSource]]):
-        first = parts[0][0]
-        super().__init__((len(parts), sum(p.shape[0] for p in parts[0]), *first.shape[1:]), first.dtype, first.path)
-        self.parts = parts
-
-    def rows(self, r0: int, r1: int):
-        import torch
-
-        return torch.stack([torch.cat([p.rows(0, p.shape[0]).to(self.dtype) for p in row]) for row in self.parts[r0:r1]])
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def checkpoint_tensors(checkpoint_dir) -> dict[str, TensorSource]:
-    """{name: TensorSource} of a checkpoint's weights, reading only headers: safetensors (one file or
-    shards), else pytorch_model*.bin (loaded with mmap=True where the file allows, so its tensors
-    are paged in only when read). Errors as reference.models.load_hf_state_dict raises them."""
-    import torch
-
-    path = Path(checkpoint_dir)
-    shards = sorted(path.glob("*.safetensors"))
-    out = {}
-    if shards:
-        from safetensors import SafetensorError, safe_open
-
-        for shard in shards:
-            try:
-                with safe_open(str(shard), framework="pt"):  # validates the header against the file size
-                    pass
-                with open(shard, "rb") as f:
-                    (n,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(n))
-            except (SafetensorError, OSError, ValueError, struct.error) as e:
-                raise ScanExportError(f"{shard}: expected a safetensors file, could not read it ({e})") from None
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if info["dtype"] not in SAFETENSORS_DTYPES:
-                    raise ScanExportError(f"{shard}: tensor {name} has dtype {info['dtype']}, expected one of "
-                                          f"{sorted(SAFETENSORS_DTYPES)}")
-                out[name] = TensorSource(tuple(info["shape"]), getattr(torch, SAFETENSORS_DTYPES[info["dtype"]]),
-                                         shard, 8 + n + info["data_offsets"][0])
-        return out
-    from ..reference.models import load_hf_state_dict
-
-    if sorted(path.glob("pytorch_model*.bin")):
-        try:
-            state = _load_bins_mmap(path)
-        except Exception:  # legacy (non-zip) pickles cannot be mapped: load them as the eager path does
-            state = load_hf_state_dict(path)
-    else:
-        state = load_hf_state_dict(path)  # raises: no weights
-    return {k: TensorSource(tuple(v.shape), v.dtype, path, tensor=v) for k, v in state.items()
-            if isinstance(v, torch.Tensor)}
-
-
-def _load_bins_mmap(path: Path) -> dict:
-    import torch
-
-    state = {}
-    for b in sorted(path.glob("pytorch_model*.bin")):
-        part = torch.load(str(b), map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(part, dict):
-            raise ValueError("not a state dict")
-        state.update(part)
-    return state
-
-
-# ------------------------------------------------------------------------------------------------
-# The fake model and its weights
 
 
 def fake_model(checkpoint_dir, dtype):
@@ -424,10 +307,6 @@ def _is_fake(tensor) -> bool:
     return isinstance(getattr(tensor, "raw", None), FakeTensor)
 
 
-def _align(offset: int, length: int) -> int:
-    return -(-offset // ALIGN_BYTES) * ALIGN_BYTES if length >= ALIGN_FROM else offset
-
-
 def _single_transpose(value, graph):
     """The Transpose node that is value's only use, if it swaps the two axes of a 2-D value and
     its output is not a graph output (what the optimizer would fold), else None."""
@@ -459,136 +338,3 @@ def _fold_transpose(graph, value, tensor) -> str:
     new.name = name
     graph.register_initializer(new)
     return name
-
-
-# ------------------------------------------------------------------------------------------------
-# The final file(s)
-
-
-def _external_refs(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-
-
-def _ext(t: onnx.TensorProto) -> dict:
-    return {e.key: e.value for e in t.external_data}
-
-
-def model_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of all initializers, inline and external."""
-    return sum(int(_ext(t)["length"]) if t.data_location == onnx.TensorProto.EXTERNAL
-               else len(t.raw_data) or t.ByteSize() for t in proto.graph.initializer)
-
-
-def _move_inline_to_data(proto: onnx.ModelProto, data_path: Path, threshold: int) -> None:
-    """Append the inline initializers of at least threshold bytes to data_path (small: what the
-    optimizer folded, and the weights attach kept in memory) and refer to them there."""
-    with open(data_path, "ab") as f:
-        for t in proto.graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") or len(t.raw_data) < threshold:
-                continue
-            offset = _align(f.tell(), len(t.raw_data))
-            f.write(b"\0" * (offset - f.tell()))
-            f.write(t.raw_data)
-            length = len(t.raw_data)
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
-                t.external_data.add(key=k, value=v)
-
-
-def _wasted(refs, data_path: Path) -> bool:
-    used = sum(int(_ext(t)["length"]) for t in refs)
-    return data_path.stat().st_size - used >= ALIGN_BYTES * max(1, len(refs))  # more than alignment padding
-
-
-def _compact(proto, refs, data_path: Path, progress: Progress) -> None:
-    """Rewrite data_path with only the tensors proto references (the optimizer folded some away)."""
-    tmp = data_path.with_name(data_path.name + ".compact")
-    total, done = sum(int(_ext(t)["length"]) for t in refs), 0
-    with open(data_path, "rb") as src, open(tmp, "wb") as dst:
-        for t in refs:
-            e = _ext(t)
-            length = int(e["length"])
-            offset = _align(dst.tell(), length)
-            dst.write(b"\0" * (offset - dst.tell()))
-            for n in _copy_range(src, int(e.get("offset", 0)), length, dst):
-                done += n
-                progress("compacting weights", done, total)
-            for entry in t.external_data:
-                if entry.key == "offset":
-                    entry.value = str(offset)
-    os.replace(tmp, data_path)
-
-
-def _copy_range(src, offset: int, length: int, dst):
-    src.seek(offset)
-    while length:
-        chunk = src.read(min(length, BLOCK_BYTES))
-        if not chunk:
-            raise RuntimeError(f"{src.name} ends early")  # we wrote it: a bug, not a user mistake
-        dst.write(chunk)
-        length -= len(chunk)
-        yield len(chunk)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, length: int) -> bytes:
-    """The tag and length of a length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(length)
-
-
-GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-RAW_DATA_FIELD = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
-
-
-def assemble_single_file(path, progress: Progress = silent) -> Path:
-    """Turn path (+ its external data file) into one self-contained model file, one tensor in memory
-    at most a block at a time.
-
-    Protobuf merges a message field that occurs twice, and appends to repeated fields, so
-    `model without initializers` followed by `ModelProto{graph{initializer: t}}` per tensor parses as
-    the whole model with the initializers in their original order. Each tensor's raw_data is
-    copied from the data file in blocks, behind its hand-written tag and length."""
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    inits = list(proto.graph.initializer)
-    del proto.graph.initializer[:]
-    data_path = path.with_name(path.name + DATA_SUFFIX)
-    tmp = path.with_name(path.name + ".single")
-    total = sum(int(_ext(t)["length"]) for t in inits if t.data_location == onnx.TensorProto.EXTERNAL)
-    done = 0
-    with open(tmp, "wb") as out, (open(data_path, "rb") if total else open(os.devnull, "rb")) as data:
-        out.write(proto.SerializeToString())
-        for t in inits:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                body = t.SerializeToString()
-                graph = _field(INITIALIZER_FIELD, len(body)) + body
-                out.write(_field(GRAPH_FIELD, len(graph)) + graph)
-                continue
-            e = _ext(t)
-            head = onnx.TensorProto()
-            head.CopyFrom(t)
-            head.ClearField("external_data")
-            head.ClearField("data_location")
-            length = int(e["length"])
-            header = head.SerializeToString() + _field(RAW_DATA_FIELD, length)
-            tensor_len = len(header) + length
-            graph_head = _field(INITIALIZER_FIELD, tensor_len)
-            out.write(_field(GRAPH_FIELD, len(graph_head) + tensor_len) + graph_head + header)
-            for n in _copy_range(data, int(e.get("offset", 0)), length, out):
-                done += n
-                progress("writing model file", done, total)
-    os.replace(tmp, path)
-    if data_path.exists():
-        data_path.unlink()
-    return path
