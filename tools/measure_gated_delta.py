@@ -1,7 +1,8 @@
 """Gated DeltaNet float32 error against the float64 oracle, per regime and length (docs/numerics.md).
 
 Prints, per regime, the worst over lengths of max|o − o_ref| / max|o_ref| (and the same for the
-final state) for: our sequential form in float32, our chunked form, transformers' chunk form.
+final state) for: our sequential form in float32, our chunked form, transformers' chunk form,
+and our two ONNX graphs in onnxruntime (CPU).
     PYTHONPATH=$PWD python tools/measure_gated_delta.py [dk dv]
 """
 
@@ -27,6 +28,15 @@ def main(dk=64, dv=32, lengths=(1, 7, 64, 100, 300)):
             kw["q"], kw["k"], kw["v"], kw["g"], kw["beta"], chunk_size=64, initial_state=kw["initial_state"],
             output_final_state=True, use_qk_l2norm_in_kernel=True),
     }
+    import onnxruntime as ort
+
+    from scan_export.onnx.gated_delta_model import GatedDeltaModelSpec, build_gated_delta_model
+
+    for form in ("sequential", "chunked"):
+        sess = ort.InferenceSession(build_gated_delta_model(GatedDeltaModelSpec(form=form)).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        forms[f"onnx {form}"] = lambda kw, sess=sess: [torch.from_numpy(a) for a in sess.run(
+            None, {n: t.numpy() for n, t in kw.items()})]
     print(f"dk={dk} dv={dv} b=2 hk=2 h=4, l in {lengths}; worst over lengths: o / final state")
     print("| regime | " + " | ".join(forms) + " |")
     print("|---" * (len(forms) + 1) + "|")

@@ -11,6 +11,7 @@ q·dk^-0.5. Then one of two forms, both the same graph for every l and batch:
   "chunked": the WY/UT form of reference.gated_delta.chunk_operands for all chunks at once
      (masked-cumsum segsum, recursive-doubling unit-lower inverse), then one Scan over chunks:
         [W2; Qd]·S (one MatMul),  U = W1 − W2·S,  o = Qd·S + intra·U,  S' = γ_T·S + Kendᵀ·U
+     (l = 1, decode, takes the sequential form's one step instead, through an If.)
 Every Exp takes a sum of g's (≤ 0), floored at LOG_DECAY_MIN: e^-60 = 9e-27 is invisible in
 float32 and float64, and keeps onnxruntime's Exp off its slow denormal path (as the selective scan).
 """
@@ -81,8 +82,16 @@ def emit_gated_delta(gb: GraphBuilder, cfg: GatedDeltaConfig, q, k, v, g, beta, 
     dims = dict(b=b_, l=l_, h=h_, dk=dk_, dv=dv_)
     if cfg.form == "sequential":
         o, final = _emit_time_scan(gb, dims, q, k, v, g, beta, initial_state, f, fnp)
-    else:
-        o, final = _emit_chunk_scan(gb, dims, q, k, v, g, beta, initial_state, cfg.chunk_size, f, fnp)
+    else:  # a decode step (l = 1) takes the one-step Scan, not a chunk padded to T
+        step = gb.child("gdn_one_step")
+        o_s, S_s = _emit_time_scan(step, dims, q, k, v, g, beta, initial_state, f, fnp)
+        chunked = gb.child("gdn_chunked")
+        o_c, S_c = _emit_chunk_scan(chunked, dims, q, k, v, g, beta, initial_state, cfg.chunk_size, f, fnp)
+        o, final = gb.op(
+            "If", gb.op("Squeeze", gb.op("Equal", l_, gb.ints(1)), gb.ints(0)), n_out=2,
+            then_branch=step.graph("gdn_decode_step", [], [value_info(o_s, f), value_info(S_s, f)]),
+            else_branch=chunked.graph("gdn_chunk_scan", [], [value_info(o_c, f), value_info(S_c, f)]),
+        )
     return (o if cfg.io_dtype == f else gb.op("Cast", o, to=cfg.io_dtype)), final
 
 

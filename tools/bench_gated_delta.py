@@ -1,0 +1,88 @@
+"""onnxruntime CPU time of the Gated DeltaNet lowerings on one shape (docs/numerics.md):
+sequential Scan over time vs chunked Scan over WY chunks, optionally onnxruntime 1.32's opset-27
+LinearAttention(update_rule="gated_delta"), all in one process on the same inputs.
+    PYTHONPATH=$PWD python tools/bench_gated_delta.py [l b h dk dv threads reps]
+"""
+
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from scan_export.onnx.gated_delta_model import GatedDeltaModelSpec, build_gated_delta_model
+from scan_export.reference.gated_delta import make_gdn_inputs
+
+
+def session(model, threads):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def median_ms(sess, feeds, reps):
+    sess.run(None, feeds)  # warm-up: allocations, kernel selection
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times)), out
+
+
+def main(l=512, b=1, h=16, dk=128, dv=128, threads=2, reps=5, extra=None):
+    kw = {n: t.numpy() for n, t in make_gdn_inputs("model_init", b, l, h, h, dk, dv).items()}
+    results = {}
+    for form in ("sequential", "chunked"):
+        sess = session(build_gated_delta_model(GatedDeltaModelSpec(form=form)), threads)
+        results[form] = median_ms(sess, kw, reps)
+    for name, (model, feeds) in (extra or {}).items():
+        results[name] = median_ms(session(model, threads), feeds(kw), reps)
+    base = results["sequential"][0]
+    print(f"l={l} b={b} h={h} dk={dk} dv={dv} threads={threads}, median of {reps}")
+    for name, (ms, out) in results.items():
+        diff = np.abs(out[0] - results["sequential"][1][0]).max() / np.abs(results["sequential"][1][0]).max()
+        print(f"  {name:12s} {ms:9.1f} ms  ({ms / base:.2f}x sequential; o differs by {diff:.1e})")
+    return results
+
+
+
+
+def native_model(h, dk, dv, chunk_size=64):
+    """onnxruntime 1.32's opset-27 LinearAttention(update_rule="gated_delta") on the same inputs and
+    the same prologue (L2 norm, q·dk^-0.5 as its scale); key heads = value heads here. Measured only,
+    not a product lowering yet."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scan_export.onnx.lowering.graph_builder import GraphBuilder, value_info
+
+    gb = GraphBuilder("native")
+    f = TensorProto.FLOAT
+
+    def packed_l2(t):  # (b, l, h, d) -> normalised, (b, l, h·d)
+        n = gb.op("Sqrt", gb.op("Add", gb.op("ReduceSum", gb.op("Mul", t, t), gb.ints(-1), keepdims=1),
+                                gb.const(1e-6, np.float32)))
+        return gb.op("Reshape", gb.op("Div", t, n), gb.ints(0, 0, -1))
+
+    out, state = gb.op("LinearAttention", packed_l2("q"), packed_l2("k"), gb.op("Reshape", "v", gb.ints(0, 0, -1)),
+                       "initial_state", "g", "beta", n_out=2, update_rule="gated_delta", q_num_heads=h,
+                       kv_num_heads=h, scale=dk ** -0.5, chunk_size=chunk_size)
+    o = gb.op("Reshape", out, gb.ints(0, 0, h, dv))
+    gb.nodes.append(helper.make_node("Identity", [o], ["o"]))
+    gb.nodes.append(helper.make_node("Identity", [state], ["final_state"]))
+    ins = [value_info("q", f, ["b", "l", h, dk]), value_info("k", f, ["b", "l", h, dk]),
+           value_info("v", f, ["b", "l", h, dv]), value_info("g", f, ["b", "l", h]), value_info("beta", f, ["b", "l", h]),
+           value_info("initial_state", f, ["b", h, dk, dv])]
+    outs = [value_info("o", f, ["b", "l", h, dv]), value_info("final_state", f, ["b", h, dk, dv])]
+    model = helper.make_model(gb.graph("native_gdn", ins, outs), opset_imports=[helper.make_opsetid("", 27)],
+                              ir_version=13)
+    onnx.checker.check_model(model)
+    return model
+
+
+if __name__ == "__main__":
+    args = list(map(int, sys.argv[1:8]))
+    l, b, h, dk, dv = (args + [512, 1, 16, 128, 128][len(args):])[:5]
+    main(*args, extra={"native": (native_model(h, dk, dv), lambda kw: kw)})
