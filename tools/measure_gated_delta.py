@@ -2,7 +2,9 @@
 
 Prints, per regime, the worst over lengths of max|o − o_ref| / max|o_ref| (and the same for the
 final state) for: our sequential form in float32, our chunked form, transformers' chunk form,
-and our two ONNX graphs in onnxruntime (CPU).
+our two ONNX graphs in onnxruntime (CPU), and onnxruntime 1.32's opset-27
+LinearAttention(update_rule="gated_delta") (tools/bench_gated_delta.native_model)
+and its com.microsoft GatedDeltaNet contrib op (contrib_model).
     PYTHONPATH=$PWD python tools/measure_gated_delta.py [dk dv]
 """
 
@@ -37,6 +39,20 @@ def main(dk=64, dv=32, lengths=(1, 7, 64, 100, 300)):
                                     providers=["CPUExecutionProvider"])
         forms[f"onnx {form}"] = lambda kw, sess=sess: [torch.from_numpy(a) for a in sess.run(
             None, {n: t.numpy() for n, t in kw.items()})]
+    import sys as _sys
+    _sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from bench_gated_delta import contrib_model, native_model
+
+    native = ort.InferenceSession(native_model(4, dk, dv).SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def run_native(kw):  # its GQA shares k/v among queries, GDN's q/k among values: expand q, k first
+        feeds = {n: (t.repeat_interleave(2, dim=2) if n in ("q", "k") else t).numpy() for n, t in kw.items()}
+        return [torch.from_numpy(a) for a in native.run(None, feeds)]
+
+    forms["onnxruntime LinearAttention"] = run_native
+    contrib = ort.InferenceSession(contrib_model(2, 4, dk, dv).SerializeToString(), providers=["CPUExecutionProvider"])
+    forms["onnxruntime com.microsoft GatedDeltaNet"] = lambda kw: [torch.from_numpy(a) for a in contrib.run(
+        None, {n: t.numpy() for n, t in kw.items()})]
     print(f"dk={dk} dv={dv} b=2 hk=2 h=4, l in {lengths}; worst over lengths: o / final state")
     print("| regime | " + " | ".join(forms) + " |")
     print("|---" * (len(forms) + 1) + "|")
