@@ -12,7 +12,7 @@ import torch
 from scan_export.onnx.gated_delta_model import GatedDeltaModelSpec, build_gated_delta_model
 from scan_export.reference.gated_delta import (GDN_REGIMES, gate_from_projections, gated_delta_rule_chunked,
                                                gated_delta_rule_ref, gated_delta_step, make_gdn_inputs,
-                                               unit_lower_inverse)
+                                               segsum_exp_masked, unit_lower_inverse)
 from scan_export.reference.gated_delta_export import gated_delta_rule
 from scan_export.runtime import make_session
 
@@ -94,6 +94,17 @@ def test_unit_lower_inverse_is_the_inverse():
     M = torch.eye(64, dtype=torch.float64) + (k @ k.T).tril(-1)  # β = 1, nearly equal keys: entries ≈ 1
     inv = unit_lower_inverse(M)
     assert rel_err(inv, torch.linalg.inv(M)) < F64_RTOL
+    # unit keys, β ≤ 1: |M⁻¹| ≤ 1 entrywise (derivation.md, Gated DeltaNet, section 3)
+    assert inv.abs().max() <= 1 + 1e-12
+    # and with gates and random β, the matrix chunk_operands builds (model_init: g down to about −40)
+    kw = to64(make_gdn_inputs("model_init", 1, 64, 1, 1, 16, 8, seed=8))
+    k = torch.nn.functional.normalize(kw["k"][0, :, 0], dim=-1)
+    g, beta = kw["g"][0, :, 0], kw["beta"][0, :, 0]
+    ones = torch.ones(64, 64, dtype=torch.float64)
+    Gam = segsum_exp_masked(g, ones.tril(-1), ones.tril())
+    M_gated = torch.eye(64, dtype=torch.float64) + (beta[:, None] * Gam * (k @ k.T)).tril(-1)
+    inv_gated = unit_lower_inverse(M_gated)
+    assert rel_err(inv_gated, torch.linalg.inv(M_gated)) < F64_RTOL and inv_gated.abs().max() <= 1 + 1e-12
     # the Neumann series this replaces would need powers of M − I, which here grow like binomials
     assert torch.linalg.matrix_power(M - torch.eye(64, dtype=torch.float64), 32).abs().max() > 1e15
 
@@ -231,6 +242,8 @@ def test_plain_dynamo_export_is_one_scan_and_matches_the_oracle():
 
     model = export(9)
     onnx.checker.check_model(model, full_check=True)
+    # loadable by onnxruntime-web 1.30 (IR ≤ 13) and 1.18 (IR ≤ 10, opset ≤ 21): standard ops only
+    assert model.ir_version <= 10 and {(o.domain, o.version) for o in model.opset_import} <= {("", 21)}
     hist = op_histogram(model)
     assert hist["Scan"] == 1 and not hist["Loop"]
     # the example's length leaves no trace: another example length gives the same graph
