@@ -4,7 +4,6 @@ module calling gated_delta_rule exported by a plain torch.onnx.export(dynamo=Tru
 
 import ast
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -260,3 +259,18 @@ def test_plain_dynamo_export_is_one_scan_and_matches_the_oracle():
         o, S = sess.run(None, {n: kw[n].numpy() for n in names})
         assert rel_err(o, o_ref) < ORT_RTOL and rel_err(S, S_ref) < ORT_RTOL, (b, l)
         assert rel_err(o_eager, o_ref) < RTOL and rel_err(S_eager, S_ref) < RTOL
+
+
+def test_refuses_what_it_cannot_compute():
+    from scan_export.errors import ScanExportError
+    from scan_export.onnx.lowering.gated_delta import GatedDeltaConfig
+
+    kw = make_gdn_inputs("random", 1, 8, **DIMS)
+    with pytest.raises(ScanExportError, match="power of 2"):
+        gated_delta_rule_chunked(**kw, chunk_size=48)
+    with pytest.raises(ScanExportError, match="power of 2"):
+        GatedDeltaConfig(chunk_size=48)
+    with pytest.raises(ScanExportError, match="multiple of key heads"):
+        gated_delta_rule_ref(**{**kw, "q": kw["q"][:, :, :1].expand(-1, -1, 3, -1), "k": kw["k"][:, :, :1].expand(-1, -1, 3, -1)})
+    with pytest.raises(ScanExportError, match="initial_state"):
+        gated_delta_rule_chunked(**{**kw, "initial_state": kw["initial_state"][:, :, :4]})

@@ -83,7 +83,6 @@ def contrib_model(hk, h, dk, dv, chunk_size=64):
     onnxruntime.capi._pybind_state.get_all_operator_schema()): rank-4 spelling, its own
     qk_l2_norm and default scale 1/sqrt(dk), native GQA over value heads; its state is V-major
     (b, h, dv, dk), so ours is transposed in and out. Measured only, not a product lowering."""
-    import onnx
     from onnx import TensorProto, helper
 
     f = TensorProto.FLOAT

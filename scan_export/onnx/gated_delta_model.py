@@ -49,7 +49,7 @@ def build_gated_delta_model(spec: GatedDeltaModelSpec = GatedDeltaModelSpec(), t
     cfg = GatedDeltaConfig(io_dtype=io, form=spec.form, chunk_size=spec.chunk_size, use_qk_l2norm=spec.use_qk_l2norm)
     shapes = spec.input_shapes()
     gb = GraphBuilder("gdn")
-    o, final = emit_gated_delta(gb, cfg, *(shapes and ("q", "k", "v", "g", "beta")),
+    o, final = emit_gated_delta(gb, cfg, "q", "k", "v", "g", "beta",
                                 initial_state="initial_state" if spec.with_initial_state else None)
     return finish_op_model(
         gb, "gated_delta", tgt, GDN_SPEC_KEY, spec,
