@@ -213,18 +213,20 @@ def test_onnx_op_model_float64_and_no_initial_state(form):
 class _TinyGatedDeltaNet(torch.nn.Module):
     """The Qwen3-Next call shape: gates from projections, then the rule on (q, k, v)."""
 
-    def __init__(self, h=DIMS["h"]):
+    def __init__(self, h=DIMS["h"], export_form="sequential"):
         super().__init__()
+        self.export_form = export_form
         self.A_log = torch.nn.Parameter(torch.empty(h).uniform_(0.01, 16).log())
         self.dt_bias = torch.nn.Parameter(torch.ones(h))
 
     def forward(self, q, k, v, a, b, initial_state):
         g, beta = gate_from_projections(a, b, self.A_log, self.dt_bias)
-        return gated_delta_rule(q, k, v, g, beta, initial_state)
+        return gated_delta_rule(q, k, v, g, beta, initial_state, export_form=self.export_form)
 
 
-def test_plain_dynamo_export_is_one_scan_and_matches_the_oracle():
-    mod = _TinyGatedDeltaNet().eval()
+@pytest.mark.parametrize("export_form", ["sequential", "chunked"])
+def test_plain_dynamo_export_is_one_scan_and_matches_the_oracle(export_form):
+    mod = _TinyGatedDeltaNet(export_form=export_form).eval()
 
     def inputs(b, l, seed):
         kw = make_gdn_inputs("random", b, l, **DIMS, seed=seed)
@@ -272,5 +274,7 @@ def test_refuses_what_it_cannot_compute():
         GatedDeltaConfig(chunk_size=48)
     with pytest.raises(ScanExportError, match="multiple of key heads"):
         gated_delta_rule_ref(**{**kw, "q": kw["q"][:, :, :1].expand(-1, -1, 3, -1), "k": kw["k"][:, :, :1].expand(-1, -1, 3, -1)})
+    with pytest.raises(ScanExportError, match="export_form"):
+        gated_delta_rule(**kw, export_form="unrolled")
     with pytest.raises(ScanExportError, match="initial_state"):
         gated_delta_rule_chunked(**{**kw, "initial_state": kw["initial_state"][:, :, :4]})

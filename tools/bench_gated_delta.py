@@ -102,8 +102,27 @@ def contrib_model(hk, h, dk, dv, chunk_size=64):
     return model
 
 
+def exported_model(h, dk, dv, export_form):
+    """A module calling gated_delta_rule, through a plain torch.onnx.export(dynamo=True) (dynamic
+    batch and length, example l = 70): what the model families will ship."""
+    import torch
+
+    from scan_export.reference.gated_delta_export import gated_delta_rule
+
+    class Rule(torch.nn.Module):
+        def forward(self, q, k, v, g, beta, initial_state):
+            return gated_delta_rule(q, k, v, g, beta, initial_state, export_form=export_form)
+
+    kw = make_gdn_inputs("model_init", 1, 70, h, h, dk, dv)
+    B, L = torch.export.Dim("batch"), torch.export.Dim("seqlen")
+    dyn = {n: {0: B, 1: L} for n in ("q", "k", "v", "g", "beta")} | {"initial_state": {0: B}}
+    return torch.onnx.export(Rule().eval(), (), kwargs=kw, dynamo=True, dynamic_shapes=dyn, opset_version=21).model_proto
+
+
 if __name__ == "__main__":
     args = list(map(int, sys.argv[1:8]))
     l, b, h, dk, dv = (args + [512, 1, 16, 128, 128][len(args):])[:5]
     main(*args, extra={"native": (native_model(h, dk, dv), lambda kw: kw),
-                       "contrib": (contrib_model(h, h, dk, dv), lambda kw: kw)})
+                       "contrib": (contrib_model(h, h, dk, dv), lambda kw: kw),
+                       "exported seq": (exported_model(h, dk, dv, "sequential"), lambda kw: kw),
+                       "exported chk": (exported_model(h, dk, dv, "chunked"), lambda kw: kw)})
