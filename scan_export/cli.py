@@ -11,12 +11,17 @@ import argparse
 import math
 import sys
 
+from . import family_names
 from .errors import ScanExportError
 
 PROG = "scan-export"
-# reference.models' SUPPORTED_MODEL_TYPES + HYBRID_MODEL_TYPES, written out: building the parser must
-# not import torch (tests/test_cli.py checks the two lists agree).
-MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "zamba2")
+# the registry's model types (reference/models/families/), read without importing the family files:
+# building the parser must not import torch (tests/test_family_registry.py checks the two agree).
+MODEL_TYPES = family_names.model_types()
+# bench --model --model-type: the families declaring bench shapes, and the --configs names past tiny,130m
+BENCH_CONFIGS = family_names.bench_configs()
+BENCH_EXTRAS = " ".join(f"{t} {','.join(k for k in keys if k not in ('tiny', '130m'))}"
+                        for t, keys in BENCH_CONFIGS.items() if set(keys) - {"tiny", "130m"})
 # reference.DEFAULT_CHUNK_SIZE, written out: building the parser must not import torch (generate runs
 # without it); tests/test_cli.py checks the two agree.
 SCAN_CHUNK_SIZE = 16
@@ -172,10 +177,9 @@ def _add_bench(sub):
     p.add_argument("--plain", action="store_const", const=True, default=None,
                    help="scan only: also time a module exported by plain torch.onnx.export against our export()")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here (a new file, or one bench wrote)")
-    p.add_argument("--configs", default=None, help="with --model: comma-separated, from tiny,130m (and for granitemoehybrid moe-8e,moe-32e: "
+    p.add_argument("--configs", default=None, help=f"with --model: comma-separated, from tiny,130m (and for {BENCH_EXTRAS}: "
                         "6 of its 130m layers with 8 or 32 experts, top 2; default: tiny,130m)")
-    p.add_argument("--model-type", default=None, choices=["mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h",
-                                                          "falcon_h1", "jamba", "zamba2"],
+    p.add_argument("--model-type", default=None, choices=list(BENCH_CONFIGS),
                    help="with --model (default: mamba)")
     p.add_argument("--prefill-len", type=token_count, default=None, help="with --model: prompt tokens (default: 512)")
     p.add_argument("--decode-tokens", type=token_count, default=None,

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from ...errors import ScanExportError
 from .activations import read_activation
 
-SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
-
 # ------------------------------------------------------------------------------------------------
 # config.json field schemas: {field: (kind, low, high)}, checked in one pass (check_schema) before
 # anything is built. Kinds: "int" (booleans are not integers), "bool", "num" (finite, int or float,
@@ -124,9 +122,12 @@ class MambaLMConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> MambaLMConfig:
+        from .families import families  # here: the family files import this module
+
         model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ScanExportError(f"field 'model_type': expected one of {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
+        supported = [f.model_type for f in families() if not f.hybrid]
+        if model_type not in supported:
+            raise ScanExportError(f"field 'model_type': expected one of {supported}, got {model_type!r}")
         hidden_act = read_activation(cfg, "hidden_act", "silu")  # every released Mamba uses silu
         hidden = cfg["hidden_size"]
         rank = cfg.get("time_step_rank", "auto")

@@ -6,52 +6,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...errors import ScanExportError
-from .attention import Attention
-from .config import (HYBRID_SCHEMA, ATTENTION, MAMBA, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float,
-                     rope_spec)
-from .hybrid import HybridLM
-from .mamba_mixers import Mamba2Mixer
-from .mlp import GatedMLP
-from .norms import RMSNorm
+from ....errors import ScanExportError
+from . import SSD, TINY_HYBRID, Family, register
+from ..attention import Attention
+from ..config import HYBRID_SCHEMA, ATTENTION, MAMBA, AttentionDims, HybridConfig, eos_id, rope_spec
+from ..hf_fields import attention_heads, check_activation, mamba2_dims
+from ..hybrid import HybridLM
+from ..mamba_mixers import Mamba2Mixer
+from ..mlp import GatedMLP
+from ..norms import RMSNorm
 
 MODEL_TYPE = "bamba"
 
 # config.json fields checked before anything is built (config.check_schema): the hybrid ones, plus this family's.
 SCHEMA = HYBRID_SCHEMA
-
-
-def mamba2_dims(raw: dict, eps: float) -> Mamba2Dims:
-    """The mamba_* fields bamba and granitemoehybrid share."""
-    hidden = raw["hidden_size"]
-    heads = raw.get("mamba_n_heads", 128)
-    expand = raw.get("mamba_expand", 2)
-    d_inner = int(expand * hidden)
-    head_dim = raw.get("mamba_d_head", "auto")
-    head_dim = d_inner // heads if head_dim == "auto" else head_dim
-    if head_dim * heads != d_inner:
-        raise ScanExportError(f"fields mamba_d_head * mamba_n_heads: expected mamba_expand * hidden_size = {d_inner}, "
-                              f"got {head_dim} * {heads}")
-    limit = raw.get("time_step_limit") or (0.0, "inf")
-    return Mamba2Dims(hidden_size=hidden, intermediate_size=d_inner, state_size=raw.get("mamba_d_state", 256),
-                      conv_kernel=raw.get("mamba_d_conv", 4), num_heads=heads, head_dim=head_dim,
-                      n_groups=raw.get("mamba_n_groups", 1), chunk_size=raw.get("mamba_chunk_size", 256),
-                      time_step_limit=tuple(json_float(v) for v in limit),
-                      use_bias=bool(raw.get("mamba_proj_bias", False)), use_conv_bias=bool(raw.get("mamba_conv_bias", True)),
-                      layer_norm_epsilon=eps)
-
-
-def check_activation(raw: dict) -> None:
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ScanExportError(f"field 'hidden_act': expected 'silu', got {raw['hidden_act']!r}")
-
-
-def attention_heads(raw: dict) -> tuple[int, int, int]:
-    heads = raw["num_attention_heads"]
-    kv = raw.get("num_key_value_heads") or heads
-    if heads % kv:
-        raise ScanExportError(f"fields num_attention_heads / num_key_value_heads: expected a multiple, got {heads} / {kv}")
-    return heads, kv, raw.get("head_dim") or raw["hidden_size"] // heads
 
 
 def config_from_hf(raw: dict) -> HybridConfig:
@@ -111,3 +79,9 @@ def build(raw: dict) -> BambaLM:
 
 # checkpoint name -> our name (none: bamba's checkpoints use the module names above)
 RENAMES: tuple[tuple[str, str], ...] = ()
+
+TINY_BAMBA = dict(TINY_HYBRID, intermediate_size=96, attn_layer_indices=[1])
+
+FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="BambaForCausalLM", config_class="BambaConfig", schema=SCHEMA,
+                         config_from_hf=config_from_hf, build=build, scan=SSD, tiny=TINY_BAMBA, renames=RENAMES,
+                         bench_configs={"tiny": TINY_BAMBA}))
