@@ -238,7 +238,7 @@ def cmd_bench(args):
             raise ScanExportError(f"bench: --quantize expected names from int8,int4, got {args.quantize!r}")
         results = bench_model(configs=configs, prefill_len=args.prefill_len or 512,
                               decode_tokens=args.decode_tokens or 32, repeats=args.repeats or 3,
-                              model_type=args.model_type or "mamba", quantize=quantize)
+                              model_type=args.model_type or MODEL_TYPES[0], quantize=quantize)
         print(format_model_bench(results))
     else:
         results = bench_scan(regime=args.regime or "init", repeats=args.repeats or 5, chunk_size=args.chunk_size,
@@ -448,7 +448,7 @@ def cmd_verify(args):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="tiny Mamba: checkpoint -> export -> onnxruntime generate -> verify")
-    p.add_argument("--model-type", default="mamba", choices=MODEL_TYPES, help="which family")
+    p.add_argument("--model-type", default=MODEL_TYPES[0], choices=MODEL_TYPES, help="which family")
     p.add_argument("--workdir", default=None,
                    help="keep the checkpoint and export here: a new or empty directory, or an earlier demo's "
                         "(default: a temporary directory, removed afterwards)")

@@ -32,7 +32,7 @@ from ..runtime.contract import (ATTENTION_MASK, DESCRIPTION_FILE, FORMAT, LOGITS
                                 TOKENIZER_FILES)
 from .checkpoint import resolve_checkpoint
 from .genai_config import GENAI_CONFIG_FILE, genai_config
-from .hybrid_contract import FORMAT_VERSION, cache_names, describe_hybrid, mamba_state_entry
+from .hybrid_contract import ENTRY_KINDS, FORMAT_VERSION, cache_names, describe_hybrid, mamba_state_entry
 from .output_dir import HASHES, OWNER_FILE, check_room, hash_files, plan_output_dir, staged_output
 from .quantize import (DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_block_size, check_quantize_args,
                        check_target_quantize, quantize_file)
@@ -138,10 +138,15 @@ def name_dims(model: onnx.ModelProto, description: dict) -> onnx.ModelProto:
 
 
 def describe(cfg, dtype: str, target, node_count: int) -> dict:
+    from ..reference.models.config import MAMBA, MAMBA1
+    from ..reference.models.families import SSD
+    from ..reference.models.families import get as family_of
+
     conv_shape, ssm_shape = cfg.state_shapes()
+    kind = ENTRY_KINDS[MAMBA if family_of(cfg.model_type).scan == SSD else MAMBA1]  # the hybrids' names for the two
     state = []
     for i in range(cfg.num_hidden_layers):
-        state.append({"layer": i, "kind": "mamba2" if cfg.model_type == "mamba2" else "mamba",
+        state.append({"layer": i, "kind": kind,
                       **mamba_state_entry(i, conv_shape, ssm_shape, dtype)})
     return {
         "format": FORMAT, "version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_type": cfg.model_type,
