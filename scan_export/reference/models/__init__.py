@@ -2,7 +2,8 @@
 
 One file per piece: config.py (configs read from config.json), norms.py, mamba_mixers.py (Mamba-1,
 Mamba-2), attention.py (GQA + RoPE + KV cache), mlp.py, moe.py, hybrid.py (the hybrid stack),
-hf_fields.py (config.json readers families share), families/ (one file per family, each declaring its
+hf_fields.py (config.json readers families share), residual_layer.py (the pre-norm layer Bamba and Jamba
+share), families/ (one file per family, each declaring its
 families.Family; families/__init__.py is the registry everything else reads) and loading.py (checkpoints).
 """
 

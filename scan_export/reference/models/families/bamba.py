@@ -15,6 +15,7 @@ from ..hybrid import HybridLM
 from ..mamba_mixers import Mamba2Mixer
 from ..mlp import GatedMLP
 from ..norms import RMSNorm
+from ..residual_layer import MixerThenFeedForward
 
 MODEL_TYPE = "bamba"
 
@@ -45,7 +46,7 @@ def config_from_hf(raw: dict) -> HybridConfig:
     )
 
 
-class BambaLayer(nn.Module):
+class BambaLayer(MixerThenFeedForward):
     def __init__(self, cfg: HybridConfig, kind: str):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -55,15 +56,6 @@ class BambaLayer(nn.Module):
         else:
             self.self_attn = Attention(cfg.hidden_size, cfg.attention)
         self.feed_forward = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
-
-    def forward(self, x, cache, allowed, rope):
-        h = self.input_layernorm(x)
-        if hasattr(self, "mamba"):
-            h, *cache = self.mamba(h, *cache)
-        else:
-            h, *cache = self.self_attn(h, *cache, allowed, rope)
-        x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x)), cache
 
 
 class BambaLM(HybridLM):

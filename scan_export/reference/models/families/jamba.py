@@ -39,6 +39,7 @@ from ..hybrid import HybridLM
 from ..mamba_mixers import MambaMixer
 from ..mlp import GatedMLP
 from ..norms import RMSNorm
+from ..residual_layer import MixerThenFeedForward
 
 MODEL_TYPE = "jamba"
 # hidden_act -> the experts' moe_op activation (the gate's function; the experts compute nothing else)
@@ -155,7 +156,7 @@ class JambaMoE(nn.Module):
                            self.activation).view(b, l, h)
 
 
-class JambaLayer(nn.Module):
+class JambaLayer(MixerThenFeedForward):
     """r + mixer(input_layernorm(r)), then + feed_forward(pre_ff_layernorm(·)); the mixer is Mamba-1 or attention."""
 
     def __init__(self, cfg: JambaConfig, kind: str, moe: bool):
@@ -168,15 +169,6 @@ class JambaLayer(nn.Module):
             self.self_attn = Attention(cfg.hidden_size, cfg.attention)
         act = cfg.mamba.hidden_act
         self.feed_forward = JambaMoE(cfg) if moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=act)
-
-    def forward(self, x, cache, allowed, rope):
-        h = self.input_layernorm(x)
-        if hasattr(self, "mamba"):
-            h, *cache = self.mamba(h, *cache)
-        else:
-            h, *cache = self.self_attn(h, *cache, allowed, rope)
-        x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x)), cache
 
 
 class JambaLM(HybridLM):
