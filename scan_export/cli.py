@@ -11,12 +11,17 @@ import argparse
 import math
 import sys
 
+from . import family_names
 from .errors import ScanExportError
 
 PROG = "scan-export"
-# reference.models' SUPPORTED_MODEL_TYPES + HYBRID_MODEL_TYPES, written out: building the parser must
-# not import torch (tests/test_cli.py checks the two lists agree).
-MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "zamba2")
+# the registry's model types (reference/models/families/), read without importing the family files:
+# building the parser must not import torch (tests/test_family_registry.py checks the two agree).
+MODEL_TYPES = family_names.model_types()
+# bench --model --model-type: the families declaring bench shapes, and the --configs names past tiny,130m
+BENCH_CONFIGS = family_names.bench_configs()
+BENCH_EXTRAS = " ".join(f"{t} {','.join(k for k in keys if k not in ('tiny', '130m'))}"
+                        for t, keys in BENCH_CONFIGS.items() if set(keys) - {"tiny", "130m"})
 # reference.DEFAULT_CHUNK_SIZE, written out: building the parser must not import torch (generate runs
 # without it); tests/test_cli.py checks the two agree.
 SCAN_CHUNK_SIZE = 16
@@ -445,7 +450,7 @@ def cmd_verify(args):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="tiny Mamba: checkpoint -> export -> onnxruntime generate -> verify")
-    p.add_argument("--model-type", default="mamba", choices=MODEL_TYPES, help="which family")
+    p.add_argument("--model-type", default=MODEL_TYPES[0], choices=MODEL_TYPES, help="which family")
     p.add_argument("--workdir", default=None,
                    help="keep the checkpoint and export here: a new or empty directory, or an earlier demo's "
                         "(default: a temporary directory, removed afterwards)")

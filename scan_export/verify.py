@@ -13,6 +13,7 @@ Like check.py, this is where torch, transformers and onnxruntime meet; deploymen
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,11 +203,25 @@ class VerifyReport:
                          + [self.verdict()])
 
 
-HF_CLASSES = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
-              "bamba": "BambaForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
-              "falcon_h1": "FalconH1ForCausalLM", "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM",
-              "zamba2": "Zamba2ForCausalLM"}
-MOE_MODEL_TYPES = ("granitemoehybrid", "jamba", "nemotron_h")
+
+
+def family_of(model_type):
+    """The registry's family (None for none): imported here, as the CLI imports this module to build
+    its parser, and the family files import torch."""
+    from .reference.models.families import get
+
+    return get(model_type)
+
+
+def __getattr__(name):
+    # MOE_MODEL_TYPES: the families whose experts transformers runs eager here (_Referee); a module
+    # attribute, so that tests can stub it, filled from the registry on first use
+    if name == "MOE_MODEL_TYPES":
+        from .reference.models.families import families
+
+        value = globals()[name] = tuple(f.model_type for f in families() if f.moe)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_checkpoint_config(checkpoint_dir, description: dict, export_dir) -> dict:
@@ -222,11 +237,10 @@ def read_checkpoint_config(checkpoint_dir, description: dict, export_dir) -> dic
         raise ScanExportError(f"--checkpoint {str(path)!r}: config.json is not readable ({e})") from None
     source = f"{Path(export_dir) / DESCRIPTION_FILE}"
     got = cfg
-    if cfg.get("model_type") == "nemotron_h":
-        # Nemotron-H's layer count is its layer pattern's length (num_hidden_layers is not written, or ignored)
-        from .reference.models.nemotron_h import block_types
-
-        got = {**cfg, "num_hidden_layers": len(block_types(cfg)[0])}
+    family = family_of(cfg.get("model_type")) if isinstance(cfg, dict) else None
+    if family is not None and family.num_layers is not None:
+        # a family whose layer count is not num_hidden_layers (Nemotron-H's: its layer pattern's length)
+        got = {**cfg, "num_hidden_layers": family.layer_count(cfg)}
     for ours, theirs in (("model_type", "model_type"), ("num_layers", "num_hidden_layers"),
                          ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size")):
         if ours in description and got.get(theirs) != description[ours]:
@@ -270,8 +284,8 @@ class _Referee:
         import transformers
 
         self.cfg, self.dtype, self.use_cache, self.note = cfg, dtype, True, None
-        cls = getattr(transformers, HF_CLASSES[model_type])
-        kw = {"experts_implementation": "eager"} if model_type in MOE_MODEL_TYPES else {}
+        cls = getattr(transformers, family_of(model_type).hf_class)
+        kw = {"experts_implementation": "eager"} if model_type in sys.modules[__name__].MOE_MODEL_TYPES else {}
         self.model = self._call("load the checkpoint", lambda: cls.from_pretrained(
             str(checkpoint_dir), dtype=getattr(torch, dtype), **kw).eval())
 
@@ -366,22 +380,8 @@ def _match_dequantized(model, quantized) -> tuple[dict[str, np.ndarray], Weights
 
 
 def _hf_states(cache, description: dict) -> list[np.ndarray]:
-    """transformers' cache in our state order and layout, float64: per Mamba layer conv, ssm; per
-    attention layer key, value (b, kv_heads, T, head_dim), the same layout as ours; a layer running
-    both ("mamba2+attention": Falcon-H1, Zamba2's hybrid layers) holds all four under one index, in that order."""
-    out = []
-    for entry in description["state"]:
-        layer, kind = entry["layer"], entry["kind"]
-        if kind != "attention":
-            # HF keeps (b, d, K), we keep the last K−1 columns channels-last: (b, K−1, d).
-            conv = cache.get_conv_state(layer).double().numpy()[..., 1:].transpose(0, 2, 1)
-            ssm = cache.get_recurrent_state(layer).double().numpy()
-            if kind == "mamba":  # Mamba-1: HF (b, d, n), ours channels-last (b, n, d)
-                ssm = ssm.transpose(0, 2, 1)
-            out += [conv, ssm]
-        if kind in ("attention", "mamba2+attention"):
-            out += [cache.layers[layer].keys.double().numpy(), cache.layers[layer].values.double().numpy()]
-    return out
+    """transformers' cache in our state order and layout, float64, as the export's family reads it."""
+    return family_of(description["model_type"]).hf_states(cache, description)
 
 
 def _row(name: str, ours, theirs, f64, bar: float | None, floor: float) -> Row:

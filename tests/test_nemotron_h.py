@@ -32,7 +32,7 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 25):
                 "checkpoint's time_step_limit (fixed in 5.25); the referee needs >= 5.25", allow_module_level=True)
 
 from scan_export.errors import ScanExportError  # noqa: E402
-from scan_export.reference.models.nemotron_h import config_from_hf  # noqa: E402
+from scan_export.reference.models.families.nemotron_h import config_from_hf  # noqa: E402
 from scan_export.onnx.model_export import DESCRIPTION_FILE, export_model  # noqa: E402
 from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
@@ -204,7 +204,7 @@ def _config_error(ckpt, tmp_path, **changes):
 
 
 def test_legacy_pattern_and_refusals(exported, tmp_path):
-    from scan_export.reference.models.nemotron_h import config_from_hf
+    from scan_export.reference.models.families.nemotron_h import config_from_hf
 
     ckpt = exported[0]
     raw = json.loads((ckpt / "config.json").read_text())

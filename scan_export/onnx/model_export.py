@@ -150,7 +150,9 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     import torch
 
     from ..progress import silent
-    from ..reference.models import HYBRID_MODEL_TYPES, checked_config
+    from ..reference.models import checked_config
+    from ..reference.models.families import SSD
+    from ..reference.models.families import get as family_of
     from ..reference.models.config import lower_bound_bytes
     from .export import export
     from .fake_params import fake_model
@@ -164,8 +166,9 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision)
     raw_config = checked_config(checkpoint_dir)  # one validation pass over config.json, before any work
     model_type = raw_config.get("model_type")
-    hybrid = model_type in HYBRID_MODEL_TYPES
-    mamba2_scans = model_type == "mamba2" or (hybrid and model_type != "jamba")  # jamba's Mamba layers are Mamba-1
+    family = family_of(model_type)  # checked_config has refused any other
+    hybrid = family.hybrid
+    mamba2_scans = family.scan == SSD
     if lowering not in (None, "portable") and not mamba2_scans:
         raise ScanExportError(f"lowering {lowering!r} applies to Mamba-2 scans only; checkpoint {str(checkpoint_dir)!r} "
                               f"is {model_type!r}, whose scan has one lowering (leave --lowering out)")

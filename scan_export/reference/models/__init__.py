@@ -2,21 +2,26 @@
 
 One file per piece: config.py (configs read from config.json), norms.py, mamba_mixers.py (Mamba-1,
 Mamba-2), attention.py (GQA + RoPE + KV cache), mlp.py, moe.py, hybrid.py (the hybrid stack),
-one file per family (mamba.py, bamba.py, granitemoehybrid.py, nemotron_h.py, falcon_h1.py, jamba.py, zamba2.py) and loading.py (checkpoints).
+hf_fields.py (config.json readers families share), residual_layer.py (the pre-norm layer Bamba and Jamba
+share), families/ (one file per family, each declaring its
+families.Family; families/__init__.py is the registry everything else reads) and loading.py (checkpoints).
 """
 
-from .config import (ATTENTION, FFN, MAMBA, MAMBA1, PARALLEL, SUPPORTED_MODEL_TYPES, AttentionDims, HybridConfig, Mamba2Dims,
+from .config import (ATTENTION, FFN, MAMBA2, MAMBA1, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims,
                      MambaLMConfig, RopeSpec, _json_float)
 from .hybrid import HybridLM
 from .loading import (all_model_types, checked_config, hybrid_families, load_hf_state_dict, load_hybrid_lm, load_mamba_lm,
                       load_model, read_hf_config, read_mamba_config, checkpoint_names, model_blueprint)
-from .mamba import Backbone, MambaBlock, MambaLM
+from .families import families
+from .families.mamba import Backbone, MambaBlock, MambaLM
 from .mamba_mixers import Mamba2Mixer, MambaMixer
 from .norms import GatedRMSNorm, RMSNorm, _rms_normalize, weightless_rms
 
-HYBRID_MODEL_TYPES = ("bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "zamba2")
+# the registry's built-in families, as the tuples this package has always exported
+SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in families() if not f.hybrid)
+HYBRID_MODEL_TYPES = tuple(f.model_type for f in families() if f.hybrid)
 
-__all__ = ["ATTENTION", "FFN", "MAMBA", "MAMBA1", "PARALLEL", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
+__all__ = ["ATTENTION", "FFN", "MAMBA2", "MAMBA1", "PARALLEL", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
            "Mamba2Dims", "MambaLMConfig", "RopeSpec", "_json_float", "HybridLM", "all_model_types", "checked_config", "hybrid_families",
            "load_hf_state_dict", "load_hybrid_lm", "read_mamba_config", "checkpoint_names", "model_blueprint", "load_mamba_lm", "load_model", "read_hf_config", "Backbone",
            "MambaBlock", "MambaLM", "Mamba2Mixer", "MambaMixer", "GatedRMSNorm", "RMSNorm", "_rms_normalize",

@@ -10,8 +10,6 @@ from ...contract.kinds import ATTENTION, FFN, KIND_PARTS, MAMBA1, MAMBA2, PARALL
 from ...errors import ScanExportError
 from .activations import read_activation
 
-SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
-
 # ------------------------------------------------------------------------------------------------
 # config.json field schemas: {field: (kind, low, high)}, checked in one pass (check_schema) before
 # anything is built. Kinds: "int" (booleans are not integers), "bool", "num" (finite, int or float,
@@ -125,9 +123,12 @@ class MambaLMConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> MambaLMConfig:
+        from .families import families  # here: the family files import this module
+
         model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ScanExportError(f"field 'model_type': expected one of {list(SUPPORTED_MODEL_TYPES)}, got {model_type!r}")
+        supported = [f.model_type for f in families() if not f.hybrid]
+        if model_type not in supported:
+            raise ScanExportError(f"field 'model_type': expected one of {supported}, got {model_type!r}")
         hidden_act = read_activation(cfg, "hidden_act", "silu")  # every released Mamba uses silu
         hidden = cfg["hidden_size"]
         rank = cfg.get("time_step_rank", "auto")
@@ -195,7 +196,6 @@ def _json_float(v) -> float:
 # A layer's kind (contract/kinds.py: MAMBA1, MAMBA2, ATTENTION, PARALLEL, FFN, the names
 # scan_export.json uses) says which of its config's parts carry a cache; each part's
 # cache_tensors() says which tensors (HybridConfig.cache_layout).
-MAMBA = MAMBA2  # the hybrids' Mamba layers (Mamba-2 mixers)
 # transformers' names for a layer's kind, current and legacy (configuration_utils._LEGACY_LAYER_TYPE_REMAP).
 LAYER_TYPE_NAMES = {"linear_attention": MAMBA2, "mamba": MAMBA2, "full_attention": ATTENTION, "attention": ATTENTION}
 ROPE_TYPES = ("default", "linear")
@@ -327,7 +327,7 @@ def json_float(v) -> float:
 
 
 def layer_kinds(raw_types, field: str) -> tuple[str, ...]:
-    """transformers' per-layer type names -> MAMBA / ATTENTION; anything else is refused naming the field."""
+    """transformers' per-layer type names -> MAMBA2 / ATTENTION; anything else is refused naming the field."""
     kinds = []
     for i, t in enumerate(raw_types):
         if t not in LAYER_TYPE_NAMES:

@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 
 from ...errors import ScanExportError, read_json_object
-from .config import MAMBA_SCHEMA, SUPPORTED_MODEL_TYPES, MambaLMConfig, check_schema
-from .mamba import MambaLM
+from .config import MAMBA_SCHEMA, MambaLMConfig, check_schema
+from .families import get as family_of
+from .families import hybrid_types, model_types
+from .families.mamba import MambaLM
 
 
 def read_hf_config(checkpoint_dir) -> dict:
@@ -60,8 +62,11 @@ def checked_config(checkpoint_dir) -> dict:
     """config.json after its family's field schema (one line naming the file and field otherwise):
     the one validation pass export_model runs before any work."""
     raw = read_hf_config(checkpoint_dir)
-    family = hybrid_families().get(raw.get("model_type"))
-    return _parse_config(checkpoint_dir, lambda r: r, family.SCHEMA if family else MAMBA_SCHEMA)
+    family = family_of(raw.get("model_type"))
+    if family is None:
+        raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
+                              f"{all_model_types()}, got {raw.get('model_type')!r}")
+    return _parse_config(checkpoint_dir, lambda r: r, family.schema)
 
 
 def _parse_config(checkpoint_dir, parse, schema):
@@ -137,11 +142,8 @@ def load_mamba_lm(checkpoint_dir, dtype=torch.float32) -> MambaLM:
 
 
 def hybrid_families() -> dict:
-    """model_type -> the family module (config_from_hf, build, RENAMES; `stacked` if its checkpoints
-    may store each expert's matrices apart: expert_stacks.per_expert_stacks)."""
-    from . import bamba, falcon_h1, granitemoehybrid, jamba, nemotron_h, zamba2
-
-    return {m.MODEL_TYPE: m for m in (bamba, granitemoehybrid, nemotron_h, falcon_h1, jamba, zamba2)}
+    """model_type -> its families.Family, for the hybrids (HybridLM models)."""
+    return {t: family_of(t) for t in hybrid_types()}
 
 
 def stacked_tensors(checkpoint_dir, tensors: dict, combine) -> dict:
@@ -150,7 +152,7 @@ def stacked_tensors(checkpoint_dir, tensors: dict, combine) -> dict:
     of the stacked parameter, are concatenated on axis 0); combine(rows of tensors) makes one.
     Names the checkpoint already holds are left as they are."""
     family = hybrid_families().get(read_hf_config(checkpoint_dir).get("model_type"))
-    recipe = getattr(family, "stacked", None)
+    recipe = family.stacked if family is not None else None
     if recipe is None:
         return tensors
     extra = {}
@@ -171,7 +173,7 @@ def _renamed(family, names) -> dict:
     out = {}
     for k in names:
         new = k
-        for old, repl in family.RENAMES:
+        for old, repl in family.renames:
             new = new.replace(old, repl)
         out[new] = k
     return out
@@ -190,7 +192,7 @@ def load_hybrid_lm(checkpoint_dir, dtype=torch.float32):
     if family is None:
         raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
                               f"{sorted(families)}, got {raw.get('model_type')!r}")
-    model = _parse_config(checkpoint_dir, family.build, family.SCHEMA)
+    model = _parse_config(checkpoint_dir, family.build, family.schema)
     state = stacked_tensors(checkpoint_dir, load_hf_state_dict(checkpoint_dir), stack_rows)
     state = {new: state[k] for new, k in _renamed(family, state).items()}
     _load_weights(model, state, checkpoint_dir)
@@ -205,7 +207,7 @@ def model_blueprint(checkpoint_dir):
     model_type = read_hf_config(checkpoint_dir).get("model_type")
     family = hybrid_families().get(model_type)
     if family is None:
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if family_of(model_type) is None:
             raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
                                   f"{all_model_types()}, got {model_type!r}")
         cfg = read_mamba_config(checkpoint_dir)
@@ -217,7 +219,7 @@ def model_blueprint(checkpoint_dir):
         return (lambda: MambaLM(cfg)), names
 
     raw = read_hf_config(checkpoint_dir)
-    _parse_config(checkpoint_dir, family.build, family.SCHEMA)  # config mistakes surface here, before any tracing
+    _parse_config(checkpoint_dir, family.build, family.schema)  # config mistakes surface here, before any tracing
 
     def names(model, shapes):
         renamed = _renamed(family, shapes)  # our name -> checkpoint name (stacked ones: stacked_tensors)
@@ -241,11 +243,11 @@ def load_model(checkpoint_dir, dtype=torch.float32):
     model_type = read_hf_config(checkpoint_dir).get("model_type")
     if model_type in hybrid_families():
         return load_hybrid_lm(checkpoint_dir, dtype)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if family_of(model_type) is None:
         raise ScanExportError(f"{Path(checkpoint_dir) / 'config.json'}: field 'model_type': expected one of "
                               f"{all_model_types()}, got {model_type!r}")
     return load_mamba_lm(checkpoint_dir, dtype)
 
 
 def all_model_types() -> list[str]:
-    return [*SUPPORTED_MODEL_TYPES, *hybrid_families()]
+    return model_types()

@@ -25,19 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ScanExportError
-from ..moe_op import moe_experts
-from .attention import Attention
-from .activations import read_activation
-from .bamba import attention_heads
-from .config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, MAMBA1, AttentionDims, HybridConfig, Mamba1Dims, eos_id
+from ....errors import ScanExportError
+from . import SELECTIVE_SCAN, Family, register
+from ...moe_op import moe_experts
+from ..attention import Attention
+from ..activations import read_activation
+from ..hf_fields import attention_heads
+from ..config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, MAMBA1, AttentionDims, HybridConfig, Mamba1Dims, eos_id
 # the family's stacking recipe: per-expert checkpoint tensors stacked as transformers does, before
 # the renames (loading.stacked_tensors)
-from .expert_stacks import per_expert_stacks as stacked  # noqa: F401
-from .hybrid import HybridLM
-from .mamba_mixers import MambaMixer
-from .mlp import GatedMLP
-from .norms import RMSNorm
+from ..expert_stacks import per_expert_stacks as stacked  # noqa: F401
+from ..hybrid import HybridLM
+from ..mamba_mixers import MambaMixer
+from ..mlp import GatedMLP
+from ..norms import RMSNorm
+from ..residual_layer import MixerThenFeedForward
 
 MODEL_TYPE = "jamba"
 # hidden_act -> the experts' moe_op activation (the gate's function; the experts compute nothing else)
@@ -154,7 +156,7 @@ class JambaMoE(nn.Module):
                            self.activation).view(b, l, h)
 
 
-class JambaLayer(nn.Module):
+class JambaLayer(MixerThenFeedForward):
     """r + mixer(input_layernorm(r)), then + feed_forward(pre_ff_layernorm(·)); the mixer is Mamba-1 or attention."""
 
     def __init__(self, cfg: JambaConfig, kind: str, moe: bool):
@@ -167,15 +169,6 @@ class JambaLayer(nn.Module):
             self.self_attn = Attention(cfg.hidden_size, cfg.attention)
         act = cfg.mamba.hidden_act
         self.feed_forward = JambaMoE(cfg) if moe else GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=act)
-
-    def forward(self, x, cache, allowed, rope):
-        h = self.input_layernorm(x)
-        if hasattr(self, "mamba"):
-            h, *cache = self.mamba(h, *cache)
-        else:
-            h, *cache = self.self_attn(h, *cache, allowed, rope)
-        x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x)), cache
 
 
 class JambaLM(HybridLM):
@@ -192,3 +185,17 @@ def build(raw: dict) -> JambaLM:
 
 # checkpoint name -> our name (none: our modules carry transformers' in-memory names)
 RENAMES: tuple[tuple[str, str], ...] = ()
+
+# (hybrids.md 4.9): Mamba-1 layers 0, 2 and attention layers 1, 3 (period 2, offset 1), MoE with 4
+# experts top-2 in layers 1, 3 (period 2, offset 1), dense SwiGLU MLPs in 0, 2; GQA 4:2, no RoPE.
+TINY_JAMBA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=8,
+                  mamba_d_conv=4, mamba_expand=2, tie_word_embeddings=False)
+
+FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="JambaForCausalLM", config_class="JambaConfig", schema=SCHEMA,
+                         config_from_hf=config_from_hf, build=build, scan=SELECTIVE_SCAN, tiny=TINY_JAMBA,
+                         renames=RENAMES, stacked=stacked, moe=True,
+                         # a Mamba-1 mixer's output (D·u gated by silu(z)) is a few times weaker than an
+                         # MLP's at the same init, and a late Mamba layer would barely move the tokens
+                         sharpen_gains={"mamba.out_proj.weight": 3.0}, bench_configs={"tiny": TINY_JAMBA}))

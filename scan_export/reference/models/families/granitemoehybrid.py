@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...errors import ScanExportError
-from .attention import Attention
-from .bamba import attention_heads, check_activation, mamba2_dims
-from .config import HYBRID_SCHEMA, MAMBA, AttentionDims, HybridConfig, eos_id, layer_kinds, rope_spec
-from .hybrid import HybridLM
-from .mamba_mixers import Mamba2Mixer
-from .mlp import FusedGatedMLP
-from .moe import TopKMoE
-from .norms import RMSNorm
+from ....errors import ScanExportError
+from . import SSD, TINY_HYBRID, Family, register
+from ..attention import Attention
+from ..hf_fields import attention_heads, check_activation, mamba2_dims
+from ..config import HYBRID_SCHEMA, MAMBA2, AttentionDims, HybridConfig, eos_id, layer_kinds, rope_spec
+from ..hybrid import HybridLM
+from ..mamba_mixers import Mamba2Mixer
+from ..mlp import FusedGatedMLP
+from ..moe import TopKMoE
+from ..norms import RMSNorm
 
 MODEL_TYPE = "granitemoehybrid"
 
@@ -69,7 +70,7 @@ class GraniteMoeHybridLayer(nn.Module):
         self.residual_multiplier = cfg.residual_multiplier
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if kind == MAMBA:
+        if kind == MAMBA2:
             self.mamba = Mamba2Mixer(cfg.mamba)
         else:
             self.self_attn = Attention(cfg.hidden_size, cfg.attention)
@@ -110,3 +111,26 @@ def build(raw: dict) -> GraniteMoeHybridLM:
 RENAMES = (("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
            ("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
            ("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight"))
+
+TINY_GRANITE = dict(TINY_HYBRID, intermediate_size=32, shared_intermediate_size=48, num_local_experts=4,
+                    num_experts_per_tok=2, layer_types=["mamba", "attention", "mamba", "mamba"],
+                    position_embedding_type="rope", embedding_multiplier=12.0, logits_scaling=4.0,
+                    residual_multiplier=0.5, attention_multiplier=0.125)
+# Shaped like ibm-granite/granite-4.0-h-micro's blocks at 130m scale (random weights, for benchmarks only):
+# 24 layers with attention every 6th, 24 Mamba-2 heads of 64, d_state 128; MoE with 8 experts, top 2.
+GRANITE_130M = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, num_attention_heads=12,
+                    num_key_value_heads=4, mamba_n_heads=24, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+                    mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256, intermediate_size=512,
+                    shared_intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2,
+                    layer_types=["attention" if i % 6 == 5 else "mamba" for i in range(24)],
+                    position_embedding_type=None, tie_word_embeddings=True)
+# The MoE bench: GRANITE_130M's layers, 6 of them, with 8 and with 32 experts at the same top-2 (the
+# 24-layer model with 32 experts, 0.9 G parameters, runs the exporter out of 23 GB of memory).
+GRANITE_MOE_8E = dict(GRANITE_130M, num_hidden_layers=6, layer_types=["mamba"] * 5 + ["attention"])
+GRANITE_MOE_32E = dict(GRANITE_MOE_8E, num_local_experts=32)
+
+FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="GraniteMoeHybridForCausalLM",
+                         config_class="GraniteMoeHybridConfig", schema=SCHEMA, config_from_hf=config_from_hf,
+                         build=build, scan=SSD, tiny=TINY_GRANITE, renames=RENAMES, moe=True,
+                         bench_configs={"tiny": TINY_GRANITE, "130m": GRANITE_130M, "moe-8e": GRANITE_MOE_8E,
+                                        "moe-32e": GRANITE_MOE_32E}))

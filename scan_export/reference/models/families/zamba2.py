@@ -39,12 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ScanExportError
-from .attention import Attention, allowed_keys, positions_from_mask
-from .config import HYBRID_SCHEMA, MAMBA, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
-from .hybrid import HybridLM
-from .mamba_mixers import Mamba2Mixer
-from .norms import RMSNorm
+from ....errors import ScanExportError
+from . import SSD, Family, register
+from ..attention import Attention, allowed_keys, positions_from_mask
+from ..config import HYBRID_SCHEMA, MAMBA2, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
+from ..hybrid import HybridLM
+from ..mamba_mixers import Mamba2Mixer
+from ..norms import RMSNorm
 
 MODEL_TYPE = "zamba2"
 
@@ -56,7 +57,7 @@ HYBRID = "hybrid"
 GATED_NORM_EPS = 1e-5  # Zamba2MambaMixer hard-codes it (not rms_norm_eps)
 ACTIVATIONS = ("gelu",)  # the shared MLP's act (exact erf GELU); every released Zamba2 uses it
 # transformers' layer type names (legacy "mamba" included) -> our kinds; a hybrid layer carries conv, ssm, key, value
-LAYER_TYPES = {"linear_attention": MAMBA, "mamba": MAMBA, HYBRID: PARALLEL}
+LAYER_TYPES = {"linear_attention": MAMBA2, "mamba": MAMBA2, HYBRID: PARALLEL}
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ class Zamba2LM(HybridLM):
         hybrid_rank = iter(range(len(cfg.hybrid_layer_ids)))
 
         def make_layer(cfg, kind):
-            if kind == MAMBA:
+            if kind == MAMBA2:
                 return MambaLayer(cfg)
             j = next(hybrid_rank)
             block = blocks[j % cfg.num_mem_blocks] if cfg.shares_blocks else SharedBlock(cfg, j % cfg.num_mem_blocks)
@@ -285,3 +286,20 @@ def build(raw: dict) -> Zamba2LM:
 
 # checkpoint name -> our name (none: the module names above are transformers')
 RENAMES: tuple[tuple[str, str], ...] = ()
+
+# 3 hybrid layers over 2 shared blocks (layers 1 and 4 share block 0: the tying and the per-layer
+# adapters both matter), attention adapters (kv = heads), RoPE. Tied embeddings: transformers ties the
+# shared blocks only then (untied, every hybrid layer has its own copy).
+TINY_ZAMBA2 = dict(vocab_size=256, hidden_size=64, num_hidden_layers=5,
+                   layers_block_type=["linear_attention", "hybrid", "hybrid", "linear_attention", "hybrid"],
+                   mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=8, mamba_ngroups=1, chunk_size=16,
+                   num_attention_heads=4, intermediate_size=96, num_mem_blocks=2, use_shared_attention_adapter=True,
+                   adapter_rank=8, use_mem_rope=True, tie_word_embeddings=True)
+
+FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="Zamba2ForCausalLM", config_class="Zamba2Config", schema=SCHEMA,
+                         config_from_hf=config_from_hf, build=build, scan=SSD, tiny=TINY_ZAMBA2, renames=RENAMES,
+                         # the shared attention (scores × (head_dim/2)**-0.5 over q, k plus their adapters)
+                         # turns peaky at the full scale: transformers' own float32 logits then sit 1.7e-4
+                         # off its float64 ones on TINY_ZAMBA2; with these, 3e-6
+                         sharpen_factors=(("adapter_list", 0.3), ("q_proj", 0.5), ("k_proj", 0.5), ("gate_up_proj", 0.7)),
+                         bench_configs={"tiny": TINY_ZAMBA2}))

@@ -24,16 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ScanExportError
-from ..moe_op import moe_experts
-from .attention import Attention
-from .config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, FFN, MAMBA, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float
+from ....errors import ScanExportError
+from . import HYBRID_SHARPENED, SSD, Family, register
+from ...moe_op import moe_experts
+from ..attention import Attention
+from ..config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, FFN, MAMBA2, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float
 # the family's stacking recipe: per-expert checkpoint tensors stacked as transformers does, before
 # the renames (loading.stacked_tensors)
-from .expert_stacks import per_expert_stacks as stacked  # noqa: F401
-from .hybrid import HybridLM
-from .mamba_mixers import Mamba2Mixer
-from .norms import _rms_normalize
+from ..expert_stacks import per_expert_stacks as stacked  # noqa: F401
+from ..hybrid import HybridLM
+from ..mamba_mixers import Mamba2Mixer
+from ..norms import _rms_normalize
 
 MODEL_TYPE = "nemotron_h"
 
@@ -44,7 +45,7 @@ SCHEMA = {**HYBRID_SCHEMA, "ssm_state_size": ("int", 1, MAX_SMALL), "mamba_num_h
                          "n_routed_experts": ("int", 0, MAX_SMALL), "moe_intermediate_size": ("int", 0, 1 << 20),
                          "use_bias": ("bool", None, None), "use_conv_bias": ("bool", None, None)}
 # layers_block_type values (current and legacy) -> (cache kind, mixer)
-BLOCK_TYPES = {"linear_attention": (MAMBA, "mamba"), "mamba": (MAMBA, "mamba"),
+BLOCK_TYPES = {"linear_attention": (MAMBA2, "mamba"), "mamba": (MAMBA2, "mamba"),
                "full_attention": (ATTENTION, "attention"), "attention": (ATTENTION, "attention"),
                "mlp": (FFN, "mlp"), "moe": (FFN, "moe")}
 # the legacy hybrid_override_pattern's characters
@@ -275,3 +276,25 @@ def build(raw: dict) -> NemotronHLM:
 # and HybridLM names the embeddings embed_tokens
 RENAMES = (("backbone.embeddings.", "model.embed_tokens."), ("backbone.", "model."),
            ("model.embeddings.", "model.embed_tokens."))
+
+# Mamba-2 / attention (NoPE, GQA 4:2) / ReLU² MLP / MoE (8 experts in 2 groups, top 2 within the best
+# group, shared experts), one mixer per layer.
+TINY_NEMOTRON_H = dict(vocab_size=256, hidden_size=64, layers_block_type=["linear_attention", "full_attention", "mlp", "moe"],
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                       mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2, conv_kernel=4,
+                       chunk_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                       moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, routed_scaling_factor=2.5,
+                       tie_word_embeddings=False)
+
+
+def layer_count(raw: dict) -> int:
+    """The layer pattern's length: num_hidden_layers is not written, or ignored."""
+    return len(block_types(raw)[0])
+
+
+FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="NemotronHForCausalLM", config_class="NemotronHConfig",
+                         schema=SCHEMA, config_from_hf=config_from_hf, build=build, scan=SSD, tiny=TINY_NEMOTRON_H,
+                         renames=RENAMES, stacked=stacked, moe=True,
+                         # its embeddings, stacked experts (up_proj, no gate) and router too
+                         sharpened=HYBRID_SHARPENED + ("embeddings.weight", "experts.up_proj", "gate.weight"),
+                         bench_configs={"tiny": TINY_NEMOTRON_H}, num_layers=layer_count))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import ScanExportError
-from .config import MambaLMConfig
-from .mamba_mixers import Mamba2Mixer, MambaMixer
-from .norms import RMSNorm
+from ....errors import ScanExportError
+from . import SELECTIVE_SCAN, SSD, Family, register
+from ..config import MAMBA_SCHEMA, MambaLMConfig
+from ..mamba_mixers import Mamba2Mixer, MambaMixer
+from ..norms import RMSNorm
 
 
 class MambaBlock(nn.Module):
@@ -66,3 +67,39 @@ class MambaLM(nn.Module):
             out.append(torch.zeros(batch, *conv, dtype=dtype))
             out.append(torch.zeros(batch, *ssm, dtype=torch.float32))
         return out
+
+
+def config_from_hf(raw: dict) -> MambaLMConfig:
+    cfg = MambaLMConfig.from_hf(raw)
+    cfg.check()
+    return cfg
+
+
+def build(raw: dict) -> MambaLM:
+    return MambaLM(config_from_hf(raw))
+
+
+# the tiny checkpoints' config (tiny.make_tiny_checkpoint); tied embeddings unless told otherwise
+TINY = dict(vocab_size=256, hidden_size=64, state_size=16, num_hidden_layers=2, conv_kernel=4, expand=2)
+# Shaped like state-spaces/mamba-130m-hf, with random weights (for benchmarks only).
+MAMBA_130M = dict(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, conv_kernel=4, expand=2)
+# Shaped like state-spaces/mamba2-130m: 24 heads of 64, d_state 128, one group.
+MAMBA2_130M = dict(vocab_size=50280, hidden_size=768, state_size=128, num_hidden_layers=24, conv_kernel=4, expand=2,
+                   num_heads=24, head_dim=64, n_groups=1, chunk_size=256)
+TIED = {"tie_word_embeddings": True}
+# the mixers' projections and the embeddings; never the norms, conv or scan parameters
+SHARPENED = ("in_proj.weight", "x_proj.weight", "out_proj.weight", "embeddings.weight")
+
+FAMILIES = (
+    register(Family(model_type="mamba", hf_class="MambaForCausalLM", config_class="MambaConfig", schema=MAMBA_SCHEMA,
+                    config_from_hf=config_from_hf, build=build, scan=SELECTIVE_SCAN, tiny=TINY, hybrid=False,
+                    tiny_base=TIED, sharpened=SHARPENED, bench_configs={"tiny": TINY, "130m": MAMBA_130M})),
+    register(Family(model_type="falcon_mamba", hf_class="FalconMambaForCausalLM", config_class="FalconMambaConfig",
+                    schema=MAMBA_SCHEMA, config_from_hf=config_from_hf, build=build, scan=SELECTIVE_SCAN, tiny=TINY,
+                    hybrid=False, tiny_base=TIED, sharpened=SHARPENED)),
+    register(Family(model_type="mamba2", hf_class="Mamba2ForCausalLM", config_class="Mamba2Config", schema=MAMBA_SCHEMA,
+                    config_from_hf=config_from_hf, build=build, scan=SSD, tiny=TINY, hybrid=False,
+                    # hidden_size · expand == num_heads · head_dim, whatever the overrides leave out
+                    tiny_base={**TIED, "num_heads": 8, "head_dim": 16, "n_groups": 1, "chunk_size": 16},
+                    sharpened=SHARPENED, bench_configs={"tiny": TINY, "130m": MAMBA2_130M})),
+)

@@ -23,15 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ScanExportError
-from ..custom_ops import causal_conv, mamba_chunk_scan_combined
-from .attention import Attention
-from .activations import ACTIVATIONS, read_activation
-from .bamba import attention_heads
-from .config import HYBRID_SCHEMA, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
-from .hybrid import HybridLM
-from .mlp import GatedMLP
-from .norms import RMSNorm, _rms_normalize
+from ....errors import ScanExportError
+from . import SSD, Family, register
+from ...custom_ops import causal_conv, mamba_chunk_scan_combined
+from ..attention import Attention
+from ..activations import ACTIVATIONS, read_activation
+from ..hf_fields import attention_heads
+from ..config import HYBRID_SCHEMA, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
+from ..hybrid import HybridLM
+from ..mlp import GatedMLP
+from ..norms import RMSNorm, _rms_normalize
 
 MODEL_TYPE = "falcon_h1"
 
@@ -258,3 +259,17 @@ def build(raw: dict) -> FalconH1LM:
 
 # checkpoint name -> our name (none: Falcon-H1's checkpoints use the module names above)
 RENAMES: tuple[tuple[str, str], ...] = ()
+
+# Every layer runs Mamba-2 and attention in parallel. mamba_d_ssm set (its default is 1024), head_dim
+# set apart from hidden / heads (real checkpoints do), and every µP multiplier ≠ 1.
+TINY_FALCON_H1 = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=24, mamba_d_ssm=96, mamba_n_heads=8,
+                      mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, mamba_rms_norm=True,
+                      tie_word_embeddings=False, embedding_multiplier=5.0, lm_head_multiplier=0.5,
+                      mlp_multipliers=[0.5, 2.0], key_multiplier=0.7, attention_in_multiplier=1.5,
+                      attention_out_multiplier=0.8, ssm_multipliers=[0.5, 1.5, 0.7, 1.3, 0.9],
+                      ssm_in_multiplier=1.2, ssm_out_multiplier=0.6)
+
+FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="FalconH1ForCausalLM", config_class="FalconH1Config",
+                         schema=SCHEMA, config_from_hf=config_from_hf, build=build, scan=SSD, tiny=TINY_FALCON_H1,
+                         renames=RENAMES, bench_configs={"tiny": TINY_FALCON_H1}))
