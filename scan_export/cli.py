@@ -19,9 +19,6 @@ PROG = "scan-export"
 # building the parser must not import torch (tests/test_family_registry.py checks the two agree).
 MODEL_TYPES = family_names.model_types()
 # bench --model --model-type: the families declaring bench shapes, and the --configs names past tiny,130m
-BENCH_CONFIGS = family_names.bench_configs()
-BENCH_EXTRAS = " ".join(f"{t} {','.join(k for k in keys if k not in ('tiny', '130m'))}"
-                        for t, keys in BENCH_CONFIGS.items() if set(keys) - {"tiny", "130m"})
 # reference.DEFAULT_CHUNK_SIZE, written out: building the parser must not import torch (generate runs
 # without it); tests/test_cli.py checks the two agree.
 SCAN_CHUNK_SIZE = 16
@@ -290,9 +287,8 @@ def _add_export_model(sub):
 
 
 def cmd_export_model(args):
-    import json
-
-    from .onnx.model_export import DESCRIPTION_FILE, export_model
+    from .contract import read_description
+    from .onnx.model_export import export_model
     from .progress import terminal
 
     from .onnx.quantize import check_quantize_args
@@ -305,7 +301,7 @@ def cmd_export_model(args):
                            lowering=args.lowering, scan_form=args.scan_form, force=args.force, revision=args.revision,
                            quantize=args.quantize, block_size=args.block_size, accuracy_level=args.accuracy_level,
                            progress=progress)
-    d = json.loads((out / DESCRIPTION_FILE).read_text())
+    d = read_description(out)  # the file we just wrote, read as every host reads it
     q = d.get("quantization")
     quant = f", int{q['bits']} weights (block {q['block_size']}, accuracy level {q['accuracy_level']})" if q else ""
     print(f"wrote {out}: {d['model_type']}, {d['num_layers']} layers, vocab {d['vocab_size']}, {d['dtype']}{quant}, "
@@ -385,7 +381,7 @@ def cmd_generate(args):
     if args.engine == "genai":  # the same interface, run by onnxruntime-genai
         from .runtime.genai import GenaiModel as model_class, generate_genai as generate
     else:
-        from .runtime.generate import ExportedMamba as model_class, generate
+        from .runtime.generate import ExportedModel as model_class, generate
     model = model_class(args.export_dir, args.provider)
     if args.prompt is not None:
         tokenizer = load_tokenizer(args.export_dir, required=True, needed_by="--prompt")

@@ -71,7 +71,7 @@ def check_workdir(workdir) -> None:
 
 def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=None) -> bool:
     from .onnx.model_export import export_model
-    from .runtime.generate import ExportedMamba, generate
+    from .runtime.generate import ExportedModel, generate
     from .tiny import make_tiny_checkpoint
     from .verify import verify_export
 
@@ -90,7 +90,7 @@ def run_demo(workdir=None, model_type: str = "mamba", n_tokens: int = 20, out=No
             f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}, random seed 0)")
         t1 = time.perf_counter()
         export_dir = export_model(ckpt, root / "export")
-        model = ExportedMamba(export_dir, "cpu")
+        model = ExportedModel(export_dir, "cpu")
         d = model.description
         say(f"2. export       {export_dir}/model.onnx  ({d['node_count']} nodes, IR {d['ir_version']}, "
             f"opset {d['opset']}, {time.perf_counter() - t1:.1f} s)")

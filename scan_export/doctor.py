@@ -94,9 +94,9 @@ def _tiny_exports(root: Path, say) -> dict:
 
 
 def _generate(export_dir, provider: str, tokens: int) -> tuple[list[int], float]:
-    from .runtime.generate import ExportedMamba, generate
+    from .runtime.generate import ExportedModel, generate
 
-    model = ExportedMamba(export_dir, provider)
+    model = ExportedModel(export_dir, provider)
     generate(model, [PROMPT], 2)  # warm-up: the first run allocates
     t0 = time.perf_counter()
     (got,) = generate(model, [PROMPT], tokens)

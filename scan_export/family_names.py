@@ -1,6 +1,7 @@
 """The built-in families' model types, read from their declarations without importing them: the CLI's
 parser lists them, and building it must not import torch (the family files do). A static read of
-reference/models/families/: MODULES in its __init__.py, then each file's Family(...) calls in order;
+reference/models/families/: the family files its __init__.py imports (`from . import ...`, in order), then
+each file's Family(...) calls in order;
 tests/test_family_registry.py checks it against the registry itself."""
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def declared() -> list[tuple[str, set[str], list[str]]]:
     """[(model_type, the Family(...) keywords given a value other than an empty literal, its bench_configs'
     names)] in registry order."""
     init = ast.parse((FAMILIES_DIR / "__init__.py").read_text())
-    modules = _constants(init)["MODULES"]
+    modules = [a.name for node in init.body if isinstance(node, ast.ImportFrom) and node.level == 1
+               and node.module is None for a in node.names]
     out = []
     for name in modules:
         tree = ast.parse((FAMILIES_DIR / f"{name}.py").read_text())

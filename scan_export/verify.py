@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ScanExportError, read_json_object
-from .runtime.generate import DESCRIPTION_FILE, ExportedMamba, generate
+from .runtime.generate import DESCRIPTION_FILE, ExportedModel, generate
 from .runtime.parity import OutputMismatch, compare
 
 PROMPT_LENGTHS = (1, 7, 64, 100)
@@ -435,7 +435,7 @@ def _verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS,
     say = say or (lambda line: None)
     if rtol is not None and not rtol > 0:
         raise ScanExportError(f"--rtol must be > 0, got {rtol!r}")
-    ours = ExportedMamba(export_dir, provider)
+    ours = ExportedModel(export_dir, provider)
     desc = ours.description
     cfg = read_checkpoint_config(checkpoint_dir, desc, export_dir)
     model_type, dtype = desc["model_type"], desc["dtype"]
@@ -452,7 +452,7 @@ def _verify_export(export_dir, checkpoint_dir, *, prompt_lengths=PROMPT_LENGTHS,
     exported = None  # the export as written, where `ours` is its float-activation copy
     if report.quantization is not None and report.quantization["accuracy_level"] == INT8_ACTIVATION_LEVEL:
         copy = _float_activation_copy(export_dir, desc["model_file"], workdir)
-        exported, ours = ours, ExportedMamba(copy, provider)
+        exported, ours = ours, ExportedModel(copy, provider)
 
     def add(rows: list, row, line: str):
         rows.append(row)

@@ -12,7 +12,7 @@ from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.onnx.model_export import export_model  # noqa: E402
 from scan_export.reference.models.activations import ACTIVATIONS, read_activation  # noqa: E402
 from scan_export.reference.models.loading import load_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 from .hybrid_checks import LOGITS_RTOL, PROMPTS  # noqa: E402
@@ -29,7 +29,7 @@ def hf_logits(hf, ids):
 @pytest.mark.parametrize("model_type,act", EXPORTS, ids=[f"{t}-{a}" for t, a in EXPORTS])
 def test_exported_activation_matches_transformers(tmp_path, model_type, act):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", model_type, hidden_act=act)
-    model = ExportedMamba(export_model(ckpt, tmp_path / "export"))
+    model = ExportedModel(export_model(ckpt, tmp_path / "export"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
     for seqlen in (1, 7, 33):
         ids = np.random.default_rng(seqlen).integers(0, model.vocab_size, (2, seqlen))

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("transformers", reason="the deploy tests build tiny checkpoints with transformers")
 
 from scan_export.onnx.model_export import export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -49,7 +49,7 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     ckpt = make_tiny_checkpoint(root / "ckpt", request.param, **OVERRIDES.get(request.param, {}))
     out = export_model(ckpt, root / "export", target="node-1.30")
-    model = ExportedMamba(out)
+    model = ExportedModel(out)
     return out, [generate(model, [p], N_TOKENS)[0] for p in PROMPTS]
 
 
@@ -143,7 +143,7 @@ def quantized(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"{model_type}-{quantize}")
     out = export_model(make_tiny_checkpoint(root / "ckpt", model_type), root / "export", target="node-1.30",
                        quantize=quantize)
-    return out, generate(ExportedMamba(out), [PROMPTS[1]], N_TOKENS)[0]
+    return out, generate(ExportedModel(out), [PROMPTS[1]], N_TOKENS)[0]
 
 
 @needs_node

@@ -13,7 +13,7 @@ pytest.importorskip("transformers", reason="the whole-model cases build tiny che
 from scan_export.onnx.model_export import DESCRIPTION_FILE, export_model, name_dims  # noqa: E402
 from scan_export.onnx.scan_model import ScanModelSpec, build_scan_model  # noqa: E402
 from scan_export.onnx.ssd_model import SSDModelSpec, build_ssd_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba  # noqa: E402
+from scan_export.runtime.generate import ExportedModel  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 MODEL_DIMS = {"batch", "seqlen", "logits_len"}
@@ -46,7 +46,7 @@ def test_graph_io_dims_are_the_description_shapes(exported):
 
 def test_onnxruntime_sees_the_names_and_runs_two_lengths(exported):
     out, _, desc = exported
-    model = ExportedMamba(out)
+    model = ExportedModel(out)
     want = {v["name"]: v["shape"] for v in (*desc["inputs"], *desc["outputs"])}
     for v in (*model.session.get_inputs(), *model.session.get_outputs()):
         assert v.shape == want[v.name], v.name

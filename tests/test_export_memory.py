@@ -20,7 +20,7 @@ from scan_export.onnx.model_export import export_model  # noqa: E402
 from scan_export.onnx.fake_params import CheckpointWeights  # noqa: E402
 from scan_export.onnx.lazy_checkpoint import checkpoint_tensors  # noqa: E402
 from scan_export.onnx.proto_assembly import assemble_single_file  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba  # noqa: E402
+from scan_export.runtime.generate import ExportedModel  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_export_peak_rss_is_bounded_and_weights_are_the_checkpoints(tmp_path):
 
 
 def _logits(out, ids):
-    model = ExportedMamba(out)
+    model = ExportedModel(out)
     return model.forward(ids, model.zero_state(1))[0]
 
 

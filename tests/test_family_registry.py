@@ -34,14 +34,29 @@ def test_every_family_declares_every_field():
         assert all(isinstance(c, dict) and c for c in family.bench_configs.values())
 
 
+def test_every_family_file_is_registered_and_the_mamba_config_agrees():
+    """A family file not in families/__init__.py's import line would never register (and the CLI,
+    which reads that line, would not list it); MambaLMConfig keeps its own list of the types it reads."""
+    from pathlib import Path
+
+    from scan_export.reference.models import families as package
+    from scan_export.reference.models.config import MAMBA_LM_TYPES
+
+    files = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__", "registry"}
+    modules = {f.build.__module__.rsplit(".", 1)[-1] for f in families() if f.model_type != TOY}
+    assert modules == files
+    assert tuple(f.model_type for f in families() if not f.hybrid) == MAMBA_LM_TYPES
+
+
 def test_the_cli_lists_the_registry():
     builtin = [t for t in model_types() if t != TOY]
     assert list(cli.MODEL_TYPES) == builtin == list(family_names.model_types())
-    assert list(cli.BENCH_CONFIGS) == [f.model_type for f in families() if f.bench_configs]
-    assert {t: list(get(t).bench_configs) for t in cli.BENCH_CONFIGS} == cli.BENCH_CONFIGS
-    bench = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
+    declared = family_names.bench_configs()
+    assert list(declared) == [f.model_type for f in families() if f.bench_configs and f.model_type != TOY]
+    assert {t: list(get(t).bench_configs) for t in declared} == declared
+    bench = cli.build_parser()._subparsers._group_actions[0].choices["bench"].benches["model"]
     choices = next(a.choices for a in bench._actions if a.dest == "model_type")
-    assert list(choices) == list(cli.BENCH_CONFIGS)
+    assert list(choices) == list(declared)
 
 
 class ToyLM(HybridLM):
@@ -74,7 +89,7 @@ def toy_family():
 def test_a_family_from_outside_registers_writes_exports_and_runs(toy_family, tmp_path):
     import transformers
 
-    from scan_export.runtime.generate import DESCRIPTION_FILE, ExportedMamba, generate
+    from scan_export.runtime.generate import DESCRIPTION_FILE, ExportedModel, generate
     from scan_export.tiny import make_tiny_checkpoint
 
     assert model_types()[-1] == TOY and get(TOY) is toy_family
@@ -86,7 +101,7 @@ def test_a_family_from_outside_registers_writes_exports_and_runs(toy_family, tmp
     assert cli.main(["export-model", str(ckpt), "--out", str(out)]) == 0
     description = json.loads((out / DESCRIPTION_FILE).read_text())
     assert description["model_type"] == TOY and description["num_layers"] == 4
-    model = ExportedMamba(out)
+    model = ExportedModel(out)
     assert_logits_match(hf, model, 9)
     assert_prefill_then_decode_equals_one_prefill(model)
     tokens = generate(model, [[5, 6, 7]], 6)[0]

@@ -16,7 +16,7 @@ from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.onnx.genai_config import genai_config  # noqa: E402
 from scan_export.onnx.model_export import export_model  # noqa: E402
 from scan_export.runtime.genai import GENAI_CONFIG_FILE, GenaiModel, generate_genai, import_genai  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 from .test_deploy import CHROMIUM, DEPLOY, needs_chromium, needs_node, run_node, serve  # noqa: E402
@@ -75,7 +75,7 @@ def test_genai_config_token_fallbacks(tmp_path):
 
 def test_logits_to_keep_has_a_default_of_all_positions(exported):
     """genai never feeds logits_to_keep; our runtime still does (1 for a prefill)."""
-    model = ExportedMamba(exported)
+    model = ExportedModel(exported)
     entry = model.description["inputs"][-1]
     assert entry["name"] == "logits_to_keep" and entry["default"] == 0
     ids = np.array(PROMPTS)
@@ -91,7 +91,7 @@ def test_logits_to_keep_has_a_default_of_all_positions(exported):
 
 @needs_genai
 def test_genai_generates_our_greedy_tokens(exported):
-    ours = ExportedMamba(exported)
+    ours = ExportedModel(exported)
     theirs = GenaiModel(exported)
     want = [generate(ours, [p], N_TOKENS)[0] for p in PROMPTS]
     assert all(len(t) == N_TOKENS and 255 not in t for t in want)  # nothing stopped early
@@ -104,7 +104,7 @@ def test_genai_generates_our_greedy_tokens(exported):
 
 @needs_genai
 def test_genai_stops_like_our_runtime(exported):
-    ours = ExportedMamba(exported)
+    ours = ExportedModel(exported)
     want = generate(ours, [PROMPTS[0]], N_TOKENS)[0]
     stop = want[6]
     (got,) = generate_genai(GenaiModel(exported), [PROMPTS[0]], N_TOKENS, stop_token_id=stop)
@@ -153,7 +153,7 @@ def test_other_targets_stay_without_a_default(tmp_path):
 def test_node_and_web_hosts_run_genai_exports(exported):
     """They leave logits_to_keep to its default there: onnxruntime-web 1.30 refuses to be fed an
     input that has one ("invalid input 'logits_to_keep'", measured before the host skipped it)."""
-    want = generate(ExportedMamba(exported), [PROMPTS[1]], N_TOKENS)[0]
+    want = generate(ExportedModel(exported), [PROMPTS[1]], N_TOKENS)[0]
     ids = ",".join(map(str, PROMPTS[1]))
     res = run_node(DEPLOY / "node" / "generate.mjs", exported, "--input-ids", ids, "--max-new-tokens", N_TOKENS, "--json")
     assert res.returncode == 0, res.stderr
@@ -184,7 +184,7 @@ def test_genai_generates_our_greedy_tokens_for_hybrids(tmp_path, model_type, qua
     assert kv_layers and decoder["inputs"]["attention_mask"] == "attention_mask"
     assert decoder["inputs"]["past_key_names"] % kv_layers[0] == f"past_key_values.{kv_layers[0]}.key"
     assert decoder["head_size"] == desc["attention"]["head_dim"]
-    ours, theirs = ExportedMamba(out), GenaiModel(out)
+    ours, theirs = ExportedModel(out), GenaiModel(out)
     want = [generate(ours, [p], N_TOKENS)[0] for p in PROMPTS]
     assert all(len(t) == N_TOKENS and 250 not in t for t in want)  # nothing stopped early
     assert len({tuple(t) for t in want}) == 2 and all(len(set(t)) > 4 for t in want)  # not a degenerate model

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers", reason="the hybrid tests comp
 
 from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.onnx.model_export import DESCRIPTION_FILE, export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
@@ -45,7 +45,7 @@ def exported(request, tmp_path_factory):
     ckpt = make_tiny_checkpoint(root / "ckpt", model_type, **overrides)
     out = export_model(ckpt, root / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
-    return ckpt, out, hf, ExportedMamba(out)
+    return ckpt, out, hf, ExportedModel(out)
 
 
 @pytest.mark.parametrize("seqlen", [1, 7, 64, 100])

@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers", reason="the Jamba tests compa
 from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.onnx.model_export import DESCRIPTION_FILE, export_model  # noqa: E402
 from scan_export.reference.models import load_hf_state_dict, load_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
@@ -47,7 +47,7 @@ def exported(request, tmp_path_factory):
     ckpt = make_tiny_checkpoint(root / "ckpt", "jamba", **MODELS[request.param])
     out = export_model(ckpt, root / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
-    return request.param, ckpt, out, hf, ExportedMamba(out)
+    return request.param, ckpt, out, hf, ExportedModel(out)
 
 
 @pytest.mark.parametrize("seqlen", [1, 7, 64, 100])

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("transformers", reason="the exports need a tiny checkpoint written by transformers")
 
 from scan_export.onnx.model_export import export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, cache_bytes_per_token, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, cache_bytes_per_token, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 STEPS = 5000
@@ -33,7 +33,7 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class Checked(ExportedMamba):
+class Checked(ExportedModel):
     """Every forward's logits checked finite: a NaN anywhere in 5,000 steps fails at that step."""
 
     def forward(self, *a, **k):

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers", reason="the model tests compa
 
 from scan_export.cli import main  # noqa: E402
 from scan_export.onnx.model_export import DESCRIPTION_FILE, export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, Sampling, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, Sampling, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
@@ -38,7 +38,7 @@ def exported(request, tmp_path_factory):
     ckpt = make_tiny_checkpoint(root / "ckpt", model_type, **overrides)
     out = export_model(ckpt, root / "export", **options)
     hf = getattr(transformers, HF_CLASSES[model_type]).from_pretrained(str(ckpt)).eval()
-    return ckpt, out, hf, ExportedMamba(out)
+    return ckpt, out, hf, ExportedModel(out)
 
 
 @pytest.mark.parametrize("seqlen", [1, 7, 64, 100])
@@ -115,7 +115,7 @@ def test_runtime_reads_exports_without_logits_to_keep(exported, tmp_path):
     desc["version"] = 1
     desc["inputs"] = [i for i in desc["inputs"] if i["name"] != "logits_to_keep"]
     (old / DESCRIPTION_FILE).write_text(json.dumps(desc))
-    v1 = ExportedMamba(old)
+    v1 = ExportedModel(old)
     ids = np.random.default_rng(3).integers(0, model.vocab_size, (1, 6))
     full, _ = model.forward(ids, model.zero_state(1))
     last, _ = v1.forward(ids, v1.zero_state(1), logits_to_keep=2)
@@ -257,7 +257,7 @@ def test_pytorch_model_bin_and_external_data(tmp_path):
     big = [t for t in graph.initializer if t.dims and np.prod(t.dims) * 4 > 1024]
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
     assert (out / "model.onnx.data").stat().st_size >= sum(int(np.prod(t.dims)) * 4 for t in big)
-    model = ExportedMamba(out)
+    model = ExportedModel(out)
     hf = transformers.FalconMambaForCausalLM.from_pretrained(str(ckpt)).eval()
     ids = np.array([[3, 1, 4, 1, 5]])
     with torch.no_grad():
@@ -349,7 +349,7 @@ def test_prompt_text_goes_through_the_copied_tokenizer(tmp_path, capsys):
     tok.save(str(ckpt / "tokenizer.json"))
     out = export_model(ckpt, tmp_path / "export")
     assert (out / "tokenizer.json").is_file()
-    want = generate(ExportedMamba(out), [[1, 2, 3]], 5)[0]  # "hello world mamba"
+    want = generate(ExportedModel(out), [[1, 2, 3]], 5)[0]  # "hello world mamba"
     assert main(["generate", str(out), "--prompt", "hello world mamba", "--max-new-tokens", "5", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["tokens"] == want and got["text"] == tok.decode(want)

@@ -34,7 +34,7 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 25):
 from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.reference.models.families.nemotron_h import config_from_hf  # noqa: E402
 from scan_export.onnx.model_export import DESCRIPTION_FILE, export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
@@ -64,7 +64,7 @@ def exported(request, tmp_path_factory):
     ckpt = make_tiny_checkpoint(root / "ckpt", "nemotron_h", **MODELS[request.param])
     out = export_model(ckpt, root / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
-    return ckpt, out, hf, ExportedMamba(out)
+    return ckpt, out, hf, ExportedModel(out)
 
 
 @pytest.mark.parametrize("seqlen", [1, 7, 64, 100])
@@ -81,7 +81,7 @@ def test_tester_config_logits_match_transformers(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "nemotron_h", defaults=False, **TESTER)  # sharpened weights
     out = export_model(ckpt, tmp_path / "export")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
-    model = ExportedMamba(out)
+    model = ExportedModel(out)
     for seqlen in (7, 33):
         assert_logits_match(hf, model, seqlen)
 

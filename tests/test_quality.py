@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scan_export.cli import build_parser, main
-from scan_export.runtime import ExportedMamba
+from scan_export.runtime import ExportedModel
 from scan_export.runtime.quality import bits_per_byte, greedy_agreement
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -73,7 +73,7 @@ def fp32_bpb(exports):
 
     def get(model_type):
         if model_type not in cache:
-            cache[model_type] = bits_per_byte(ExportedMamba(exports(model_type, "fp32", [])), HELDOUT)
+            cache[model_type] = bits_per_byte(ExportedModel(exports(model_type, "fp32", [])), HELDOUT)
         return cache[model_type]
 
     return get
@@ -110,9 +110,9 @@ def test_fp32_bits_per_byte_match_transformers(model_type, fp32_bpb):
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("name, flags, bound", LOWER_PRECISION)
 def test_lower_precision_bits_per_byte(model_type, name, flags, bound, exports, fp32_bpb, record_property):
-    model = ExportedMamba(exports(model_type, name, flags))
+    model = ExportedModel(exports(model_type, name, flags))
     bpb, base = bits_per_byte(model, HELDOUT), fp32_bpb(model_type)
-    agreement = greedy_agreement(ExportedMamba(exports(model_type, "fp32", [])), model, PROMPTS, 256)
+    agreement = greedy_agreement(ExportedModel(exports(model_type, "fp32", [])), model, PROMPTS, 256)
     # Reported, not bounded here except for fp16: greedy decoding of a small model amplifies any
     # near-tie, so agreement is a report (issue 13); the bpb ratio is the bounded quality measure.
     record_property(f"{model_type}-{name}", f"bpb {bpb:.4f} (fp32 {base:.4f}, x{bpb / base:.4f}), "

@@ -17,7 +17,7 @@ pytest.importorskip("transformers", reason="the quantize tests build tiny checkp
 
 from scan_export.onnx.model_export import export_model  # noqa: E402
 from scan_export.onnx.quantize import quantize_file  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba  # noqa: E402
+from scan_export.runtime.generate import ExportedModel  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 IDS = np.array([[5, 6, 7, 100, 3, 42, 42, 9, 250, 1]])
@@ -84,7 +84,7 @@ def rel_err(a, b):
 
 
 def logits(export_dir):
-    m = ExportedMamba(export_dir)
+    m = ExportedModel(export_dir)
     out, state = m.forward(IDS, m.zero_state(1))
     step, _ = m.forward(np.array([[17]]), state)  # the decode path (l = 1) too
     return np.concatenate([out, step], axis=1)

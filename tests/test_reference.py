@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scan_export.reference import selective_scan_chunked, selective_scan_ref, selective_state_update
+from scan_export.reference import selective_scan_chunked, selective_scan_ref, selective_state_step
 from scan_export.reference import selective_scan as ss
 from scan_export.reference.mamba_mini import mamba_mini_chunked_scan
 from scan_export.reference.regimes import REGIMES, make_scan_inputs
@@ -141,7 +141,7 @@ def test_mamba_mini_baseline_returns_nan_in_heavy_regime():
 
 def test_state_update_equals_one_scan_step():
     kw = make_scan_inputs("init", 3, 8, 4, 1, 2, with_initial_state=True)
-    y, new_state = selective_state_update(
+    y, new_state = selective_state_step(
         kw["initial_state"], kw["u"][..., 0], kw["delta"][..., 0], kw["A"], kw["B"][..., 0], kw["C"][..., 0],
         D=kw["D"], z=kw["z"][..., 0], dt_bias=kw["delta_bias"], dt_softplus=True,
     )
@@ -156,7 +156,7 @@ def test_decode_steps_continue_a_prefill():
                                          for k, v in kw.items()}, return_last_state=True)
     ys = []
     for t in range(20, 25):
-        y, state = selective_state_update(state, kw["u"][..., t], kw["delta"][..., t], kw["A"], kw["B"][..., t],
+        y, state = selective_state_step(state, kw["u"][..., t], kw["delta"][..., t], kw["A"], kw["B"][..., t],
                                           kw["C"][..., t], kw["D"], kw["z"][..., t], kw["delta_bias"], True)
         ys.append(y)
     ref = selective_scan_ref(**to64(kw))

@@ -1,4 +1,4 @@
-"""The Python API a user reaches for: `from scan_export.runtime import ExportedMamba, generate, Sampling`.
+"""The Python API a user reaches for: `from scan_export.runtime import ExportedModel, generate, Sampling`.
 
 Every prompt form generate() takes gives the tokens its list-of-lists form gives; bad inputs are a
 one-line ScanExportError naming `prompts`; the tokenizer is read lazily, so a corrupt tokenizer.json
@@ -20,7 +20,7 @@ pytest.importorskip("transformers", reason="the tiny checkpoint is made with tra
 from scan_export.cli import main  # noqa: E402
 from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.onnx.model_export import export_model  # noqa: E402
-from scan_export.runtime import ExportedMamba, Sampling, generate, generate_text  # noqa: E402
+from scan_export.runtime import ExportedModel, Sampling, generate, generate_text  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 from .test_streaming import byte_level_bpe  # noqa: E402
@@ -43,11 +43,11 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(dirs):
-    return ExportedMamba(dirs["with_tok"])
+    return ExportedModel(dirs["with_tok"])
 
 
 def test_import_is_torch_free():
-    code = ("import sys; from scan_export.runtime import ExportedMamba, Sampling, generate, generate_text; "
+    code = ("import sys; from scan_export.runtime import ExportedModel, Sampling, generate, generate_text; "
             "assert 'torch' not in sys.modules and 'tokenizers' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -81,7 +81,7 @@ def test_generate_text_decodes_and_streams(model, dirs):
     assert got == [tok.decode(t) for t in generate(model, texts, N)]
     assert ["".join(p) for p in pieces] == got
     with pytest.raises(ScanExportError, match=r"generate_text needs .*tokenizer\.json"):
-        generate_text(ExportedMamba(dirs["plain"]), IDS, N)
+        generate_text(ExportedModel(dirs["plain"]), IDS, N)
 
 
 # (prompts, what the message must say). Each names `prompts`, what was expected and what arrived.
@@ -112,14 +112,14 @@ def test_bad_prompts_name_the_argument(model, prompts, message):
 
 def test_other_bad_arguments(model, dirs):
     cases = [
-        (lambda: generate(ExportedMamba(dirs["plain"]), "hello", N), r"a str in prompts needs .*plain/tokenizer\.json"),
+        (lambda: generate(ExportedModel(dirs["plain"]), "hello", N), r"a str in prompts needs .*plain/tokenizer\.json"),
         (lambda: generate(model, IDS, -1), r"max_new_tokens must be an int in \[0, 1000000\], got -1"),
         (lambda: generate(model, IDS, 2.0), r"max_new_tokens must be an int in \[0, 1000000\], got 2\.0"),
         (lambda: generate(model, IDS, 10**20), r"max_new_tokens must be an int in \[0, 1000000\], got 1000000"),
         (lambda: generate(model, IDS, N, stop_token_id="eos"), r"stop_token_id must be an int token id or None"),
         (lambda: generate(model, IDS, N, sampling={"do_sample": True}), r"sampling must be a Sampling\(\.\.\.\)"),
         (lambda: Sampling(do_sample=True, temperature=0), r"temperature must be > 0 when sampling, got 0"),
-        (lambda: ExportedMamba(dirs["plain"] / "nope"), r"export directory .*nope' does not exist"),
+        (lambda: ExportedModel(dirs["plain"] / "nope"), r"export directory .*nope' does not exist"),
     ]
     for call, message in cases:
         with pytest.raises(ScanExportError, match=message):
@@ -127,7 +127,7 @@ def test_other_bad_arguments(model, dirs):
 
 
 def test_corrupt_tokenizer_only_matters_to_text(dirs, capsys):
-    plain, corrupt = ExportedMamba(dirs["plain"]), ExportedMamba(dirs["corrupt"])  # loading does not read it
+    plain, corrupt = ExportedModel(dirs["plain"]), ExportedModel(dirs["corrupt"])  # loading does not read it
     assert generate(corrupt, IDS, N) == generate(plain, IDS, N)
     bad = str(dirs["corrupt"] / "tokenizer.json")
     for use in (lambda: corrupt.tokenizer, lambda: generate(corrupt, "hello", N)):
@@ -146,13 +146,13 @@ def test_a_broken_description_names_its_file(dirs, tmp_path):
     broken = shutil.copytree(dirs["plain"], tmp_path / "broken")
     (broken / "scan_export.json").write_text("{")
     with pytest.raises(ScanExportError, match=r"broken/scan_export\.json: expected JSON, got a parse error"):
-        ExportedMamba(broken)
+        ExportedModel(broken)
 
 
 def test_one_model_shared_by_four_threads_matches_sequential(dirs):
-    """ExportedMamba's docstring promises this. Fresh model, so the 4 threads also race to load the
+    """ExportedModel's docstring promises this. Fresh model, so the 4 threads also race to load the
     tokenizer (two of them pass text); a barrier starts them together, and 3 rounds interleave them."""
-    model = ExportedMamba(dirs["with_tok"])
+    model = ExportedModel(dirs["with_tok"])
     jobs = [("Café crème 東京", Sampling()), ([9, 10, 11, 12, 13], Sampling()),
             (["🐍 über", "x"], Sampling(do_sample=True, top_k=40, seed=7)), (np.array([[42], [43]]), Sampling(do_sample=True, seed=8))]
     rounds = 3
@@ -174,6 +174,13 @@ def test_one_model_shared_by_four_threads_matches_sequential(dirs):
     for t in threads:
         t.join()
     assert not errors, errors
-    sequential = [generate(ExportedMamba(dirs["with_tok"]), p, 2 * N, sampling=s) for p, s in jobs]
+    sequential = [generate(ExportedModel(dirs["with_tok"]), p, 2 * N, sampling=s) for p, s in jobs]
     assert all(results[r] == sequential for r in range(rounds))
     assert len({json.dumps(s) for s in sequential}) == len(jobs)  # the threads really did different work
+
+
+def test_the_old_name_is_the_same_class():
+    """ExportedMamba was the class's name before it ran hybrids; code written against it keeps working."""
+    from scan_export.runtime import ExportedMamba, ExportedModel
+
+    assert ExportedMamba is ExportedModel

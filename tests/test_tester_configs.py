@@ -46,7 +46,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the tester configs are judged by transformers")
 
 from scan_export.onnx.model_export import export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import MOE_MODEL_TYPES  # noqa: E402
 
@@ -103,7 +103,7 @@ def test_tester_config_exports_and_matches_transformers(model_type, tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", model_type, defaults=False, **TESTER_CONFIGS[model_type])
     out = export_model(ckpt, tmp_path / "export")
     hf = _referee(ckpt, model_type)
-    model = ExportedMamba(out)
+    model = ExportedModel(out)
     # fp32 export vs transformers fp32 (hybrid_checks.LOGITS_RTOL = 1e-4, the budget): the same
     # algebra in other kernels and summation orders, so only rounding separates them.
     for seqlen in (7, 33):

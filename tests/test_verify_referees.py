@@ -15,7 +15,7 @@ from scan_export import verify  # noqa: E402
 from scan_export.cli import main  # noqa: E402
 from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.onnx.model_export import export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedMamba  # noqa: E402
+from scan_export.runtime.generate import ExportedModel  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 
 # transformers' own model tests use an expert width of 37 floats (148 bytes, not a multiple of 16:
@@ -53,7 +53,7 @@ def test_export_model_then_verify_passes(exported):
         assert "use_cache=False" in note and report.states == []
     else:
         assert report.notes == [], lines  # eager experts: the cached path runs, states are compared
-        assert len(report.states) == len(ExportedMamba(out).state_outputs)
+        assert len(report.states) == len(ExportedModel(out).state_outputs)
 
 
 def test_a_failure_of_transformers_itself_is_one_line_exit_2(tmp_path, monkeypatch, capsys):

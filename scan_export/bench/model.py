@@ -35,16 +35,12 @@ def measure_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return feeds["w"].nbytes / (ms / 1e3) / 1e9
 
 
-MODEL_CONFIGS = {("mamba", "tiny"): "TINY", ("mamba", "130m"): "MAMBA_130M",
-                 ("mamba2", "tiny"): "TINY", ("mamba2", "130m"): "MAMBA2_130M",
-                 ("bamba", "tiny"): "TINY_BAMBA", ("granitemoehybrid", "tiny"): "TINY_GRANITE",
-                 ("granitemoehybrid", "130m"): "GRANITE_130M", ("granitemoehybrid", "moe-8e"): "GRANITE_MOE_8E",
-                 ("granitemoehybrid", "moe-32e"): "GRANITE_MOE_32E", ("falcon_h1", "tiny"): "TINY_FALCON_H1",
-                 ("nemotron_h", "tiny"): "TINY_NEMOTRON_H", ("jamba", "tiny"): "TINY_JAMBA",
-                 ("zamba2", "tiny"): "TINY_ZAMBA2"}
-HF_CLASS = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "bamba": "BambaForCausalLM",
-            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
-            "nemotron_h": "NemotronHForCausalLM", "jamba": "JambaForCausalLM", "zamba2": "Zamba2ForCausalLM"}
+def bench_model_types() -> list[str]:
+    """The families that declare bench shapes (Family.bench_configs), in registry order, read without
+    importing torch (the CLI's parser lists them)."""
+    from ..family_names import bench_configs
+
+    return list(bench_configs())
 
 
 def decode_bytes(model_path) -> int:
@@ -73,11 +69,11 @@ def ops_per_decode_token(export_dir) -> int:
     """Kernel calls in one decode step (l = 1), subgraph bodies included: onnxruntime's profiler."""
     import numpy as np
 
-    from ..runtime.generate import ExportedMamba
+    from ..runtime.generate import ExportedModel
     from ..runtime.session import _onnxruntime
 
     ort = _onnxruntime()
-    m = ExportedMamba(export_dir)
+    m = ExportedModel(export_dir)
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,13 +97,13 @@ def bench_quantized(ckpt, root, quantize, prefill_len: int, decode_tokens: int, 
     import numpy as np
 
     from ..onnx.model_export import export_model
-    from ..runtime.generate import ExportedMamba
+    from ..runtime.generate import ExportedModel
 
     dirs = {"fp32": root / "q-fp32"}
     export_model(ckpt, dirs["fp32"])
     for q in quantize:
         dirs[q] = export_model(ckpt, root / f"q-{q}", quantize=q)
-    models = {k: ExportedMamba(d, "cpu") for k, d in dirs.items()}
+    models = {k: ExportedModel(d, "cpu") for k, d in dirs.items()}
     ids = np.random.default_rng(0).integers(0, models["fp32"].vocab_size, (1, prefill_len))
 
     def steps(m, out):
@@ -148,22 +144,25 @@ def bench_model(configs=("tiny", "130m"), prefill_len: int = 512, decode_tokens:
 
     from .. import tiny
     from ..onnx.model_export import export_model
-    from ..runtime.generate import ExportedMamba
+    from ..runtime.generate import ExportedModel
 
-    if model_type not in HF_CLASS:
-        raise ScanExportError(f"model_type must be one of {sorted(HF_CLASS)}, got {model_type!r}")
+    from ..reference.models.families import get as family_of
+
+    if model_type not in bench_model_types():
+        raise ScanExportError(f"model_type must be one of {sorted(bench_model_types())}, got {model_type!r}")
+    family = family_of(model_type)
     results = {"model_type": model_type, "prefill_len": prefill_len, "decode_tokens": decode_tokens, "torch_threads": torch.get_num_threads(),
                "bandwidth_gbs": measure_bandwidth_gbs(), "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir or tmp)
         for name in configs:
-            if (model_type, name) not in MODEL_CONFIGS:
-                raise ScanExportError(f"configs must be from {sorted({c for _, c in MODEL_CONFIGS})}, got {name!r}")
-            params = getattr(tiny, MODEL_CONFIGS[model_type, name])
+            if name not in family.bench_configs:
+                raise ScanExportError(f"configs must be from {sorted(family.bench_configs)}, got {name!r}")
+            params = family.bench_configs[name]
             ckpt = tiny.make_tiny_checkpoint(root / f"{name}-ckpt", model_type, sharpen=False, **params)
             export_dir = export_model(ckpt, root / f"{name}-export")
-            ours = ExportedMamba(export_dir, "cpu")
-            hf = getattr(transformers, HF_CLASS[model_type]).from_pretrained(str(ckpt)).eval()
+            ours = ExportedModel(export_dir, "cpu")
+            hf = getattr(transformers, family.hf_class).from_pretrained(str(ckpt)).eval()
             vocab = ours.vocab_size
             ids = np.random.default_rng(0).integers(0, vocab, (1, prefill_len))
             prompt = torch.from_numpy(ids[:, :8])
@@ -281,7 +280,7 @@ def add_arguments(p, kinds) -> None:
     p.add_argument("--configs", default="tiny,130m",
                    help="comma-separated, from tiny,130m (and for granitemoehybrid moe-8e,moe-32e: 6 of its 130m "
                         "layers with 8 or 32 experts, top 2)")
-    p.add_argument("--model-type", default="mamba", choices=list(HF_CLASS),
+    p.add_argument("--model-type", default="mamba", choices=bench_model_types(),
                    help="which family")
     p.add_argument("--prefill-len", type=kinds["token_count"], default=512, help="prompt tokens")
     p.add_argument("--decode-tokens", type=kinds["token_count"], default=32, help="decode steps timed")

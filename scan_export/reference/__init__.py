@@ -4,7 +4,7 @@ from .selective_scan import (
     DEFAULT_CHUNK_SIZE,
     selective_scan_chunked,
     selective_scan_ref,
-    selective_state_update,
+    selective_state_step,
 )
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "selective_scan_chunked", "selective_scan_ref", "selective_state_update"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "selective_scan_chunked", "selective_scan_ref", "selective_state_step"]

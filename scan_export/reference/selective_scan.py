@@ -212,13 +212,13 @@ def selective_scan_chunked(
     return (out, h.reshape(b, d, n)) if return_last_state else out
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decode step with mamba_ssm's `selective_state_update` semantics, without mutation.
 
     state: (b, d, n)   x, dt, z: (b, d)   A: (d, n)   B, C: (b, n) | (b, g, n)   D, dt_bias: (d,)
     Returns y: (b, d) in x.dtype and new_state: (b, d, n) in state.dtype.
     Equal to selective_scan_ref on a length-1 sequence with initial_state=state.
-    The functional form (traceable); `scan_export.selective_state_update` is mamba_ssm's in-place one
+    The functional form (traceable), named apart from `scan_export.selective_state_update`, mamba_ssm's in-place one
     (eager, per-head layouts too). Exported models decode with the scan op at seqlen 1 instead.
     """
     if not isinstance(state, torch.Tensor) or state.dim() != 3:

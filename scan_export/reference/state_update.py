@@ -12,7 +12,7 @@ stored (so a narrower state dtype rounds only what is kept), Δ is not clamped t
 row i uses state[state_batch_indices[i]], and a negative index is padding: out 0, no state written.
 
 Which form each export uses: this in-place form is eager only (a drop-in for code written against
-mamba_ssm). The functional steps `scan_export.reference.selective_state_update` (Mamba-1) and
+mamba_ssm). The functional steps `scan_export.reference.selective_state_step` (Mamba-1) and
 `scan_export.reference.ssd.ssd_state_update` (Mamba-2) return (out, new_state) and can be traced;
 the exported models (scan_export.onnx.model_export) decode with the scan ops at seqlen 1 instead.
 """

@@ -6,8 +6,8 @@ enters a recurrent state), their states are stacked, and decoding runs as one ba
 also carry KV caches: stacking left-pads the shorter groups' caches with zeros, and the attention
 mask, carried as the last element of the state, marks those positions 0.
 
-    from scan_export.runtime import ExportedMamba, Sampling, generate
-    model = ExportedMamba("out")                       # share it between threads freely
+    from scan_export.runtime import ExportedModel, Sampling, generate
+    model = ExportedModel("out")                       # share it between threads freely
     generate(model, "Hello", 20)                       # -> [[new ids]] (needs out/tokenizer.json)
     generate(model, [[5, 6, 7], [9, 10]], 20)          # -> [[...], [...]], one row per prompt
     generate_text(model, ["Hello", "Bonjour"], 20)     # -> ["...", "..."], the new text per prompt
@@ -49,7 +49,7 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-class ExportedMamba:
+class ExportedModel:
     """An export directory loaded on one onnxruntime provider.
 
     export_dir: a `scan-export export-model` output (scan_export.json, model.onnx, maybe
@@ -201,7 +201,7 @@ def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
     return np.array([rng.choice(len(p), p=p) for p in probs])
 
 
-def prefill(model: ExportedMamba, prompts: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+def prefill(model: ExportedModel, prompts: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
     """Run each group of equal-length prompts at once. -> (last logits: (b, V), state for all b rows).
 
     Groups' states are stacked along the batch; tensors that grow with the sequence (KV caches and
@@ -233,7 +233,7 @@ def prefill(model: ExportedMamba, prompts: list[list[int]]) -> tuple[np.ndarray,
     return last_logits, state
 
 
-def as_prompts(model: ExportedMamba, prompts) -> list[list[int]]:
+def as_prompts(model: ExportedModel, prompts) -> list[list[int]]:
     """Every form generate() takes -> one list of token ids per prompt (checked against the vocab).
 
     A str (or a list of str) goes through model.tokenizer; a flat list of ints or a 1-D integer
@@ -265,7 +265,7 @@ def as_prompts(model: ExportedMamba, prompts) -> list[list[int]]:
     return [_token_row(model, p, row) for row, p in enumerate(rows)]
 
 
-def _encode(model: ExportedMamba, text: str, row: int) -> list[int]:
+def _encode(model: ExportedModel, text: str, row: int) -> list[int]:
     ids = model.require_tokenizer("a str in prompts").encode(text).ids
     if not ids:
         raise ScanExportError(f"prompts: prompt {row} is empty: {describe_value(text)} encodes to no tokens; "
@@ -273,7 +273,7 @@ def _encode(model: ExportedMamba, text: str, row: int) -> list[int]:
     return ids
 
 
-def _token_row(model: ExportedMamba, p, row: int) -> list[int]:
+def _token_row(model: ExportedModel, p, row: int) -> list[int]:
     """One prompt's ids as a list of ints, or ScanExportError naming prompts, the row and the culprit."""
     if isinstance(p, np.ndarray):
         if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer):
@@ -295,7 +295,7 @@ def _token_row(model: ExportedMamba, p, row: int) -> list[int]:
     return ids
 
 
-def cache_bytes_per_token(model: ExportedMamba) -> int:
+def cache_bytes_per_token(model: ExportedModel) -> int:
     """Bytes the KV caches grow by per token of one row (0 for recurrent-only exports): every state
     tensor with a past_seqlen axis, plus the int64 attention mask."""
     total = 0
@@ -305,7 +305,7 @@ def cache_bytes_per_token(model: ExportedMamba) -> int:
     return total + (8 if model.takes_attention_mask and total else 0)
 
 
-def check_cache_fits(model: ExportedMamba, batch: int, tokens: int) -> None:
+def check_cache_fits(model: ExportedModel, batch: int, tokens: int) -> None:
     """Refuse, before any work, a generation whose KV caches alone would not fit in memory."""
     from ..resources import require_memory
 
@@ -313,7 +313,7 @@ def check_cache_fits(model: ExportedMamba, batch: int, tokens: int) -> None:
                    f"max_new_tokens: {tokens} tokens x {batch} rows of KV cache", "generate fewer tokens")
 
 
-def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
+def generate(model: ExportedModel, prompts, max_new_tokens: int, *,
              sampling: Sampling = Sampling(), stop_token_id: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """The new token ids of each prompt: always list[list[int]], one row per prompt, in order, the
@@ -330,7 +330,7 @@ def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
     on_token(row, token_id): called for each token as it is chosen, on the calling thread; for text,
       feed it a streaming.TextStreams (or use generate_text with on_text).
 
-    Thread-safe: many threads may call generate on one shared model at once (see ExportedMamba).
+    Thread-safe: many threads may call generate on one shared model at once (see ExportedModel).
     """
     if not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise ScanExportError(f"max_new_tokens must be an int in [0, {MAX_NEW_TOKENS}], got {describe_value(max_new_tokens)}")
@@ -364,7 +364,7 @@ def generate(model: ExportedMamba, prompts, max_new_tokens: int, *,
     return out
 
 
-def generate_text(model: ExportedMamba, prompts, max_new_tokens: int, *,
+def generate_text(model: ExportedModel, prompts, max_new_tokens: int, *,
                   sampling: Sampling = Sampling(), stop_token_id: int | None = None,
                   on_text: Callable[[int, str], None] | None = None) -> list[str]:
     """generate(), decoded: the new text of each prompt, list[str] with one entry per prompt.

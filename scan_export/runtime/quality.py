@@ -2,10 +2,10 @@
 exports. numpy + onnxruntime only (never torch), so a quantized or fp16 export is judged by the
 runtime that will serve it.
 
-    from scan_export.runtime import ExportedMamba
+    from scan_export.runtime import ExportedModel
     from scan_export.runtime.quality import bits_per_byte, greedy_agreement
-    bits_per_byte(ExportedMamba("out-fp32"), open("heldout.txt", "rb").read())    # -> 2.31
-    greedy_agreement(ExportedMamba("out-fp32"), ExportedMamba("out-int4"), [b"The ", b"def "], 256)
+    bits_per_byte(ExportedModel("out-fp32"), open("heldout.txt", "rb").read())    # -> 2.31
+    greedy_agreement(ExportedModel("out-fp32"), ExportedModel("out-int4"), [b"The ", b"def "], 256)
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ScanExportError, describe_value
-from .generate import ExportedMamba, generate
+from .generate import ExportedModel, generate
 
 # A byte-level export maps this text to its bytes exactly (token id = byte value).
 BYTE_PROBE = "bits per byte\n"
 
 
-def require_byte_vocabulary(model: ExportedMamba, needed_by: str) -> None:
+def require_byte_vocabulary(model: ExportedModel, needed_by: str) -> None:
     """ScanExportError unless token id = byte value: vocab_size >= 256 and, when the export has a
     tokenizer, it encodes an ASCII probe to the probe's bytes."""
     if model.vocab_size < 256:
@@ -41,7 +41,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def token_bits(model: ExportedMamba, ids, chunk: int = 1024) -> np.ndarray:
+def token_bits(model: ExportedModel, ids, chunk: int = 1024) -> np.ndarray:
     """-log2 p(ids[t] | ids[:t]) for t = 1 .. n-1: (n-1,) float64 (the first token has no prediction).
 
     The sequence goes through the graph `chunk` tokens at a time with the state carried between
@@ -66,7 +66,7 @@ def token_bits(model: ExportedMamba, ids, chunk: int = 1024) -> np.ndarray:
     return np.concatenate(bits) / math.log(2)
 
 
-def bits_per_byte(model: ExportedMamba, data: bytes, chunk: int = 1024) -> float:
+def bits_per_byte(model: ExportedModel, data: bytes, chunk: int = 1024) -> float:
     """Mean -log2 p(next byte) over data[1:] for a byte-level export (token id = byte value)."""
     if not isinstance(data, (bytes, bytearray)) or len(data) < 2:
         raise ScanExportError(f"data: expected bytes of length >= 2, got {describe_value(data)}")
@@ -86,7 +86,7 @@ class Agreement:
     n_tokens: int
 
 
-def greedy_agreement(a: ExportedMamba, b: ExportedMamba, prompts, n_tokens: int = 256) -> Agreement:
+def greedy_agreement(a: ExportedModel, b: ExportedModel, prompts, n_tokens: int = 256) -> Agreement:
     """Greedy-decode n_tokens from each prompt with both exports (same prompts as generate() takes;
     bytes are taken as byte-level token ids) and compare the continuations position by position."""
     if isinstance(prompts, (bytes, bytearray)):

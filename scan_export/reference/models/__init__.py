@@ -12,14 +12,14 @@ from .config import (ATTENTION, FFN, MAMBA2, MAMBA1, PARALLEL, AttentionDims, Hy
 from .hybrid import HybridLM
 from .loading import (all_model_types, checked_config, hybrid_families, load_hf_state_dict, load_hybrid_lm, load_mamba_lm,
                       load_model, read_hf_config, read_mamba_config, checkpoint_names, model_blueprint)
-from .families import families
+from .families import families as _families  # not `families`: that name is the subpackage
 from .families.mamba import Backbone, MambaBlock, MambaLM
 from .mamba_mixers import Mamba2Mixer, MambaMixer
 from .norms import GatedRMSNorm, RMSNorm, _rms_normalize, weightless_rms
 
 # the registry's built-in families, as the tuples this package has always exported
-SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in families() if not f.hybrid)
-HYBRID_MODEL_TYPES = tuple(f.model_type for f in families() if f.hybrid)
+SUPPORTED_MODEL_TYPES = tuple(f.model_type for f in _families() if not f.hybrid)
+HYBRID_MODEL_TYPES = tuple(f.model_type for f in _families() if f.hybrid)
 
 __all__ = ["ATTENTION", "FFN", "MAMBA2", "MAMBA1", "PARALLEL", "SUPPORTED_MODEL_TYPES", "HYBRID_MODEL_TYPES", "AttentionDims", "HybridConfig",
            "Mamba2Dims", "MambaLMConfig", "RopeSpec", "_json_float", "HybridLM", "all_model_types", "checked_config", "hybrid_families",

@@ -88,6 +88,11 @@ def lower_bound_bytes(raw: dict, itemsize: int) -> int:
     return vocab * hidden * itemsize * (1 if raw.get("tie_word_embeddings", True) else 2)
 
 
+# The model types this config reads (families/mamba.py registers them; tests/test_family_registry.py
+# checks the two agree). A list here, not a registry lookup: the family files import this module.
+MAMBA_LM_TYPES = ("mamba", "falcon_mamba", "mamba2")
+
+
 @dataclass(frozen=True)
 class MambaLMConfig:
     model_type: str
@@ -123,10 +128,8 @@ class MambaLMConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> MambaLMConfig:
-        from .families import families  # here: the family files import this module
-
         model_type = cfg.get("model_type")
-        supported = [f.model_type for f in families() if not f.hybrid]
+        supported = list(MAMBA_LM_TYPES)
         if model_type not in supported:
             raise ScanExportError(f"field 'model_type': expected one of {supported}, got {model_type!r}")
         hidden_act = read_activation(cfg, "hidden_act", "silu")  # every released Mamba uses silu

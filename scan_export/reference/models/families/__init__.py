@@ -1,102 +1,25 @@
 """The model families, each declared once: a family file in this folder ends with `register(Family(...))`,
 and every other module (loading, export, verify, tiny checkpoints, the CLI) asks this registry.
 
-Adding a family: its file here and its name in MODULES (the CLI reads MODULES and the files' Family(...)
-calls without importing them, so that building its parser needs no torch: scan_export/family_names.py).
-A family registered at run time (register(), e.g. by a test) joins every lookup here, after these.
+Adding a family: its file here and its name in the one import line below, whose order is the order model
+types are listed to users (each file registers when imported). The CLI reads that line and the files'
+Family(...) calls without importing them, so that building its parser needs no torch
+(scan_export/family_names.py). A family registered at run time (register(), e.g. by a test) joins every
+lookup here, after these. Family and the table live in registry.py, which imports no family file.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from typing import Callable
-
-from ....errors import ScanExportError
-from ..hf_cache import cache_states
-
-# the family files, in the order their model types are listed to users
-MODULES = ("mamba", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "jamba", "zamba2")
-
-# which scan a family's Mamba layers export: the selective scan (Mamba-1: one lowering, --scan-form
-# chooses sequential or chunked) or SSD (Mamba-2: always chunked, --lowering chooses portable or native)
-SELECTIVE_SCAN, SSD = "selective_scan", "ssd"
-
-# the tiny checkpoints' sharpened parameters (tiny.make_tiny_checkpoint), by name suffix: every matrix of
-# a hybrid (projections, MLPs, experts, router, embeddings), never the norms, conv or scan parameters
-HYBRID_SHARPENED = ("in_proj.weight", "out_proj.weight", "embed_tokens.weight", "_proj.weight", "lm_head.weight",
-                    "linear.weight", "router.weight", "gate_up_proj", "down_proj")
-
-# the Mamba-2 hybrids' tiny shape, which their tiny checkpoints start from: 4 layers, attention at
-# layer 1 between Mamba-2 layers, GQA 4:2
-TINY_HYBRID = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                   mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
-                   mamba_chunk_size=16, tie_word_embeddings=False)
-
-
-@dataclass(frozen=True)
-class Family:
-    """One model_type: everything the package knows about it outside its layer classes."""
-
-    model_type: str
-    hf_class: str  # transformers' causal-LM class (verify's referee, bench)
-    config_class: str  # transformers' config class (tiny checkpoints)
-    schema: dict  # config.json fields checked before anything is built (config.check_schema)
-    config_from_hf: Callable  # config.json's dict -> our config
-    build: Callable  # config.json's dict -> the (unloaded) model
-    scan: str  # SELECTIVE_SCAN or SSD
-    tiny: dict  # the tiny checkpoint's config (tiny.make_tiny_checkpoint with defaults)
-    hybrid: bool = True  # a HybridLM (attention_mask and cache_layout I/O); False: a MambaLM
-    renames: tuple[tuple[str, str], ...] = ()  # checkpoint name -> our name, substring replacements
-    # {our stacked name: rows of checkpoint names} from the checkpoint's names, for checkpoints that
-    # store each expert apart (loading.stacked_tensors); None: nothing is stacked
-    stacked: Callable | None = None
-    moe: bool = False  # has routed experts (verify runs transformers' experts eager)
-    tiny_base: dict = field(default_factory=dict)  # config under the tiny one, kept with defaults=False too
-    sharpened: tuple[str, ...] = HYBRID_SHARPENED  # parameter name suffixes the tiny checkpoint sharpens
-    sharpen_factors: tuple[tuple[str, float], ...] = ()  # (name part, factor), first match wins
-    sharpen_gains: dict = field(default_factory=dict)  # {name suffix: extra gain}
-    bench_configs: dict = field(default_factory=dict)  # {bench --configs name: config}; bench.py's shapes
-    hf_states: Callable = cache_states  # transformers' cache -> our state list (verify)
-    # config.json's dict -> its layer count, when num_hidden_layers is not it (verify's check)
-    num_layers: Callable | None = None
-
-    def layer_count(self, raw: dict):
-        return self.num_layers(raw) if self.num_layers is not None else raw.get("num_hidden_layers")
-
-
-_REGISTERED: dict[str, Family] = {}
-_loaded = False
-
-
-def register(family: Family) -> Family:
-    """Add a family (once per model_type); returns it, so that a family file can keep a name for it."""
-    old = _REGISTERED.get(family.model_type)
-    if old is not None and old is not family:
-        raise ScanExportError(f"model_type {family.model_type!r}: expected one family, got a second "
-                              f"({family.build.__module__} after {old.build.__module__})")
-    _REGISTERED[family.model_type] = family
-    return family
-
-
-def unregister(model_type: str) -> None:
-    _REGISTERED.pop(model_type, None)
-
-
-def _rank(family: Family) -> int:
-    module = family.build.__module__.rsplit(".", 1)[-1]
-    return MODULES.index(module) if family.build.__module__.startswith(__name__ + ".") else len(MODULES)
+# the family files, in listing order (isort: skip; the order is the meaning)
+from . import mamba, bamba, granitemoehybrid, nemotron_h, falcon_h1, jamba, zamba2  # noqa: F401, I001
+from .registry import (HYBRID_SHARPENED, SELECTIVE_SCAN, SSD, TINY_HYBRID, Family, register, registered,  # noqa: F401
+                       unregister)
 
 
 def families() -> tuple[Family, ...]:
-    """Every family, the family files' in MODULES order (a file's own in its order), then any added at run time."""
-    global _loaded
-    if not _loaded:
-        for name in MODULES:  # a string import: the families import this module, never the other way round
-            importlib.import_module(f"{__name__}.{name}")
-        _loaded = True
-    order = list(_REGISTERED.values())
-    return tuple(sorted(order, key=lambda f: (_rank(f), order.index(f))))
+    """Every family in registration order: the family files' in the import line's order (a file's own
+    in its order), then any registered at run time."""
+    return tuple(registered())
 
 
 def get(model_type) -> Family | None:

@@ -4,10 +4,9 @@ each followed by a SwiGLU MLP. Attention: GQA, RoPE on the first half of each he
 
 from __future__ import annotations
 
-from torch import nn
 
 from ....errors import ScanExportError
-from . import SSD, TINY_HYBRID, Family, register
+from .registry import SSD, TINY_HYBRID, Family, register
 from ..attention import Attention
 from ..config import HYBRID_SCHEMA, ATTENTION, MAMBA2, AttentionDims, HybridConfig, eos_id, rope_spec
 from ..hf_fields import attention_heads, check_activation, mamba2_dims

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ....errors import ScanExportError
-from . import SSD, Family, register
+from .registry import SSD, Family, register
 from ...custom_ops import causal_conv, mamba_chunk_scan_combined
 from ..attention import Attention
 from ..activations import ACTIVATIONS, read_activation

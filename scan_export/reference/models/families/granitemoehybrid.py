@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ....errors import ScanExportError
-from . import SSD, TINY_HYBRID, Family, register
+from .registry import SSD, TINY_HYBRID, Family, register
 from ..attention import Attention
 from ..hf_fields import attention_heads, check_activation, mamba2_dims
 from ..config import HYBRID_SCHEMA, MAMBA2, AttentionDims, HybridConfig, eos_id, layer_kinds, rope_spec

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ....errors import ScanExportError
-from . import SELECTIVE_SCAN, Family, register
+from .registry import SELECTIVE_SCAN, Family, register
 from ...moe_op import moe_experts
 from ..attention import Attention
 from ..activations import read_activation

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ....errors import ScanExportError
-from . import SELECTIVE_SCAN, SSD, Family, register
+from .registry import SELECTIVE_SCAN, SSD, Family, register
 from ..config import MAMBA_SCHEMA, MambaLMConfig
 from ..mamba_mixers import Mamba2Mixer, MambaMixer
 from ..norms import RMSNorm

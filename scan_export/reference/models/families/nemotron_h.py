@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ....errors import ScanExportError
-from . import HYBRID_SHARPENED, SSD, Family, register
+from .registry import HYBRID_SHARPENED, SSD, Family, register
 from ...moe_op import moe_experts
 from ..attention import Attention
 from ..config import HYBRID_SCHEMA, MAX_SMALL, ATTENTION, FFN, MAMBA2, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float

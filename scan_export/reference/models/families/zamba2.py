@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ....errors import ScanExportError
-from . import SSD, Family, register
+from .registry import SSD, Family, register
 from ..attention import Attention, allowed_keys, positions_from_mask
 from ..config import HYBRID_SCHEMA, MAMBA2, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
 from ..hybrid import HybridLM
