@@ -10,7 +10,7 @@ Exports (two, module-scoped):
          multi-head attention (kv = heads), tied embeddings, mamba_dt_rank "auto" (= 4)
 Without an export (the torch reference, cheap): transformers' decode steps, a multi-token
 continuation (judged by transformers' full forward: its slow Mamba-1 path ignores the cached ssm
-state for chunks of more than one token, hybrids.md 0.7.2), checkpoints with per-expert or stacked
+state for chunks of more than one token: transformers 5.25 modeling_jamba.mamba_scan_forward), checkpoints with per-expert or stacked
 expert tensors, the memory-lean loader's stacked source, refused configs.
 """
 
@@ -130,7 +130,7 @@ def test_description_is_the_io_contract(exported):
 def test_reference_decode_and_continuation_match_transformers(tmp_path):
     """Decode steps (transformers' state update, another code path), and a multi-token continuation
     judged by transformers' full forward: transformers' own continuation restarts its scan from
-    zeros (hybrids.md 0.7.2: its torch selective scan ignores the cached ssm state), ours carries it."""
+    zeros (its torch selective scan, modeling_jamba.mamba_scan_forward, ignores the cached ssm state), ours carries it."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "jamba")
     ours = load_model(ckpt)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()

@@ -186,7 +186,7 @@ def build(raw: dict) -> JambaLM:
 # checkpoint name -> our name (none: our modules carry transformers' in-memory names)
 RENAMES: tuple[tuple[str, str], ...] = ()
 
-# (hybrids.md 4.9): Mamba-1 layers 0, 2 and attention layers 1, 3 (period 2, offset 1), MoE with 4
+# The tiny Jamba: Mamba-1 layers 0, 2 and attention layers 1, 3 (period 2, offset 1), MoE with 4
 # experts top-2 in layers 1, 3 (period 2, offset 1), dense SwiGLU MLPs in 0, 2; GQA 4:2, no RoPE.
 TINY_JAMBA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
