@@ -59,6 +59,37 @@ def run(cmd, what: str, env=None) -> subprocess.CompletedProcess:
     return proc
 
 
+# transformers 5.x's save_pretrained spells GraniteMoeHybrid's layer_types "linear_attention" /
+# "full_attention"; llama.cpp's converter (GraniteHybridModel.get_attn_layers) looks for the Hub's
+# granite-4.0 spelling "attention" ("mamba" otherwise), so it takes every layer for Mamba, writes
+# head_count_kv [0, ..., 0], and llama.cpp then fails to load the GGUF (blk.N.ssm_in.weight not found).
+LAYER_TYPE_SPELLING = {"full_attention": "attention", "linear_attention": "mamba"}
+
+
+def converter_input(ckpt: Path, dst: Path) -> tuple[Path, list[str]]:
+    """A view of ckpt for llama.cpp's converter: the same weight files (symlinks), and config.json
+    with the two fields the converter reads differently from transformers 5.25, changed. Returns the
+    view and a note per change (both are printed: they are what "the converter accepts our
+    checkpoints" needed)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f.resolve())
+    config = json.loads((ckpt / "config.json").read_text())
+    notes = []
+    if any(t in LAYER_TYPE_SPELLING for t in config.get("layer_types") or ()):
+        config["layer_types"] = [LAYER_TYPE_SPELLING.get(t, t) for t in config["layer_types"]]
+        notes.append("layer_types respelled attention/mamba")
+    # The Mamba-2 converter pads the vocabulary to pad_vocab_size_multiple (default 16: state-spaces'
+    # mamba2 checkpoints store 50288 embedding rows), and llama.cpp then expects that many rows; ours
+    # has vocab_size rows (50280, a multiple of 8), so say 8, as the Mamba-1 converter's default is.
+    if config.get("model_type") == "mamba2" and config["vocab_size"] % 16 and "pad_vocab_size_multiple" not in config:
+        config["pad_vocab_size_multiple"] = 8
+        notes.append("pad_vocab_size_multiple 8")
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst, notes
+
+
 def convert(ckpt: Path, llama_src: Path, out: Path) -> str:
     """llama.cpp's convert_hf_to_gguf.py on our checkpoint, f32. Returns the converter's note on the
     tokenizer: our checkpoints have none (scan_export.tiny writes config.json, generation_config.json
@@ -68,8 +99,10 @@ def convert(ckpt: Path, llama_src: Path, out: Path) -> str:
     env.pop("NO_LOCAL_GGUF", None)  # use the gguf-py shipped next to the converter, not a pip one
     proc = run([sys.executable, llama_src / "convert_hf_to_gguf.py", ckpt, "--outtype", "f32", "--outfile", out],
                "convert_hf_to_gguf.py", env=env)
-    notes = [line for line in (proc.stdout + proc.stderr).splitlines() if "tokenizer" in line.lower()]
-    return notes[0].split(":", 2)[-1].strip() if notes else "no tokenizer note"
+    lines = (proc.stdout + proc.stderr).splitlines()
+    builtin = [line for line in lines if "Using tokenizer from" in line]
+    return (builtin[0].split(":", 2)[-1].strip() + " (no tokenizer files in the checkpoint)" if builtin
+            else "tokenizer from the checkpoint")
 
 
 def llama_bench(build: Path, gguf: Path, prefill: int, decode: int, threads: int) -> dict:
@@ -102,11 +135,12 @@ def bench_type(model_type: str, root: Path, args) -> dict:
     from scan_export.onnx.model_export import export_model
     from scan_export.runtime.generate import ExportedMamba
 
-    params = getattr(tiny, MODEL_CONFIGS[model_type, "130m"])
+    params = getattr(tiny, MODEL_CONFIGS[model_type, args.config])
     t0 = time.perf_counter()
     ckpt = tiny.make_tiny_checkpoint(root / f"{model_type}-ckpt", model_type, sharpen=False, **params)
     f32 = root / f"{model_type}-f32.gguf"
-    note = convert(ckpt, args.llama_src, f32)
+    view, changes = converter_input(ckpt, root / f"{model_type}-ckpt-for-llama")
+    note = convert(view, args.llama_src, f32) + ("; config.json for the converter: " + ", ".join(changes) if changes else "")
     ggufs = {}
     for name, qargs, _ in WIDTHS:
         if qargs is None:
@@ -148,16 +182,16 @@ def bench_type(model_type: str, root: Path, args) -> dict:
                      "gguf_mb": ggufs[name].stat().st_size / 1e6,
                      "onnx_mb": sum(f.stat().st_size for f in exports[q].glob("model.onnx*")) / 1e6,
                      "reps": times[name]})
-    return {"model_type": model_type, "llama_model_type": info.get("model_type"), "converter_tokenizer": note,
+    return {"model_type": model_type, "llama_model_type": (info.get("model_type") or "?").split()[0], "converter_tokenizer": note,
             "llama_build": info.get("build"), "cpu_info": info.get("cpu_info"), "rows": rows}
 
 
 def format_table(results: dict) -> str:
-    lines = [f"prefill {results['prefill']} tokens, decode {results['decode']} tokens, {results['threads']} threads, "
+    lines = [f"{results['config']} shapes, prefill {results['prefill']} tokens, decode {results['decode']} tokens, {results['threads']} threads, "
              f"{results['reps']} alternating reps, medians; ratio = ours / llama.cpp time (> 1: ours slower)",
              "",
-             f"| model type | bits (llama.cpp / ours) | GGUF MB | ONNX MB | llama.cpp prefill ms | ours prefill ms | "
-             f"prefill ratio | llama.cpp decode ms/tok | ours decode ms/tok | decode ratio |",
+             "| model type | bits (llama.cpp / ours) | GGUF MB | ONNX MB | llama.cpp prefill ms | ours prefill ms | "
+             "prefill ratio | llama.cpp decode ms/tok | ours decode ms/tok | decode ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for t in results["types"]:
         for r in t["rows"]:
@@ -176,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--llama-build", type=Path, required=True, help="cmake build dir with bin/llama-bench, bin/llama-quantize")
     p.add_argument("--llama-src", type=Path, required=True, help="llama.cpp source dir (convert_hf_to_gguf.py, gguf-py)")
     p.add_argument("--model-types", default=",".join(MODEL_TYPES), help=f"comma-separated from {','.join(MODEL_TYPES)}")
+    p.add_argument("--config", default="130m", choices=["130m", "tiny"],
+                   help="the shape, from scan_export.bench.MODEL_CONFIGS (tiny: to try the script quickly)")
     p.add_argument("--reps", type=int, default=3, help="alternating reps per engine and bit width")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prefill", type=int, default=512)
@@ -191,7 +227,7 @@ def main(argv=None) -> int:
     types = [t.strip() for t in args.model_types.split(",") if t.strip()]
     if bad := [t for t in types if t not in MODEL_TYPES]:
         p.error(f"--model-types: unknown {bad}")
-    results = {"prefill": args.prefill, "decode": args.decode, "threads": args.threads, "reps": args.reps,
+    results = {"config": args.config, "prefill": args.prefill, "decode": args.decode, "threads": args.threads, "reps": args.reps,
                "machine": platform.processor() or platform.machine(), "load_before": os.getloadavg(),
                "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "types": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,8 +235,11 @@ def main(argv=None) -> int:
             root = args.workdir / t if args.workdir else Path(tmp) / t
             root.mkdir(parents=True, exist_ok=True)
             results["types"].append(bench_type(t, root, args))
-            if not args.workdir:  # a 130m type leaves about 3 GB of files; free them before the next
+            if not args.workdir:  # a 130m type leaves several GB of files; free them before the next
                 shutil.rmtree(root)
+            print(format_table(results), flush=True)  # so far: a long run cut short keeps what it measured
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
     results["load_after"] = os.getloadavg()
     print()
     print(format_table(results))

@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         import onnxruntime as ort
         import torch
 
-        if hasattr(ort, "preload_dlls"):  # cuDNN / cuBLAS from the nvidia pip wheels (docs/gpu_check.md)
+        if hasattr(ort, "preload_dlls"):  # cuDNN / cuBLAS from the nvidia pip wheels (docs/benchmarks.md, "GPU check")
             ort.preload_dlls()
         if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
             print(f"gpu_bench: CUDA missing (onnxruntime: {ort.get_available_providers()}, torch.cuda: "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks for a lent GPU machine, as one script of a few minutes (docs/gpu_check.md):
+# The checks for a lent GPU machine, as one script of a few minutes (docs/benchmarks.md, "GPU check"):
 #   doctor; `check` of a scan op model in both scan forms; greedy tokens on the provider equal to
 #   CPU's for a tiny Mamba, Mamba-2 and GraniteMoeHybrid export; the scan bench and a 130m
 #   prefill/decode against torch eager on the same device and the weight-streaming floor.
