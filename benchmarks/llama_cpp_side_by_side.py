@@ -7,8 +7,8 @@ the last run's table.
     python benchmarks/llama_cpp_side_by_side.py --llama-build /work/llama-build \
         --llama-src /work/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp
 
-Per model type (mamba, mamba2, granitemoehybrid, each at its 130m shape from scan_export.bench's
-MODEL_CONFIGS): one random checkpoint (scan_export.tiny), converted by llama.cpp's own converter to an
+Per model type (mamba, mamba2, granitemoehybrid, each at its 130m shape from its family's
+bench_configs): one random checkpoint (scan_export.tiny), converted by llama.cpp's own converter to an
 f32 GGUF and quantized by llama-quantize to q8_0, q4_0 and q4_0 --pure; exported by us with
 quantize none / int8 / int4. Then both engines are timed in the same process run, taking turns rep by
 rep (llama.cpp, ours, next bit width, ...), so that a slow spell of this shared machine lands on both:
@@ -17,7 +17,7 @@ rep (llama.cpp, ours, next bit width, ...), so that a slow spell of this shared 
   model load not timed): pp512 = one 512-token prefill, tg64 = 64 decode steps from an empty context.
 - ours: the measurement of `scan-export bench --model`: prefill = one forward of 512 random tokens
   with logits_to_keep=1 (what llama.cpp also computes: the last position's logits), decode = per-token
-  times after an 8-token prompt, median (bench.py's statistic).
+  times after an 8-token prompt, median (scan_export.bench.common.median_ms).
 
 Printed: per model type and bit width, prefill ms and decode ms/token of both, and the ratios
 ours / llama.cpp (time ratios: above 1 = ours slower), medians over the reps.
@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from scan_export import tiny
-from scan_export.bench import MODEL_CONFIGS, median_ms
+from scan_export.bench.common import median_ms
+from scan_export.reference.models.families import get as family_of
 
 MODEL_TYPES = ("mamba", "mamba2", "granitemoehybrid")
 # (row, llama-quantize arguments or None for the f32 GGUF itself, our export's quantize=): q4_0 plain
@@ -120,7 +121,7 @@ def llama_bench(build: Path, gguf: Path, prefill: int, decode: int, threads: int
 def ours_bench(model, ids: np.ndarray, decode: int) -> dict:
     """One rep of `scan-export bench --model`'s measurement on one export: prefill with the last
     position's logits (bench.median_ms, one timed call; the warm-up ran once at load), then per-token
-    decode times after an 8-token prompt, as bench.py's ort_step_times / bench_quantized's steps."""
+    decode times after an 8-token prompt, as scan_export/bench/model.py times them."""
     prefill_ms = median_ms(lambda: model.forward(ids, model.zero_state(1), logits_to_keep=1), 1, warmup=0)
     logits, state = model.forward(ids[:, :8], model.zero_state(1), logits_to_keep=1)
     steps = []
@@ -133,9 +134,9 @@ def ours_bench(model, ids: np.ndarray, decode: int) -> dict:
 
 def bench_type(model_type: str, root: Path, args) -> dict:
     from scan_export.onnx.model_export import export_model
-    from scan_export.runtime.generate import ExportedMamba
+    from scan_export.runtime.generate import ExportedModel
 
-    params = getattr(tiny, MODEL_CONFIGS[model_type, args.config])
+    params = family_of(model_type).bench_configs[args.config]
     t0 = time.perf_counter()
     ckpt = tiny.make_tiny_checkpoint(root / f"{model_type}-ckpt", model_type, sharpen=False, **params)
     f32 = root / f"{model_type}-f32.gguf"
@@ -154,7 +155,7 @@ def bench_type(model_type: str, root: Path, args) -> dict:
     prep_s = time.perf_counter() - t0
     print(f"{model_type}: checkpoint, GGUFs and exports ready in {prep_s:.0f} s; converter: {note}", flush=True)
 
-    models = {q: ExportedMamba(d, "cpu", threads=args.threads) for q, d in exports.items()}
+    models = {q: ExportedModel(d, "cpu", threads=args.threads) for q, d in exports.items()}
     ids = np.random.default_rng(0).integers(0, models["none"].vocab_size, (1, args.prefill))
     for m in models.values():  # one warm-up each (llama-bench warms up inside every call)
         ours_bench(m, ids, 2)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--llama-src", type=Path, required=True, help="llama.cpp source dir (convert_hf_to_gguf.py, gguf-py)")
     p.add_argument("--model-types", default=",".join(MODEL_TYPES), help=f"comma-separated from {','.join(MODEL_TYPES)}")
     p.add_argument("--config", default="130m", choices=["130m", "tiny"],
-                   help="the shape, from scan_export.bench.MODEL_CONFIGS (tiny: to try the script quickly)")
+                   help="the shape, from the family's bench_configs (reference/models/families/) (tiny: to try the script quickly)")
     p.add_argument("--reps", type=int, default=3, help="alternating reps per engine and bit width")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prefill", type=int, default=512)

@@ -35,7 +35,8 @@ def bandwidth_gbs(provider: str, megabytes: int) -> tuple[float, str]:
     """Weight-streaming bandwidth the way a decode step streams weights: (1, K) @ (K, N), reading the
     (K, N) matrix once per call. CPU: bench.measure_bandwidth_gbs (onnxruntime's MatMul). CUDA: the
     same product in torch on the GPU (both libraries end in a cuBLAS GEMV there)."""
-    from scan_export.bench import measure_bandwidth_gbs, median_ms
+    from scan_export.bench.common import median_ms
+    from scan_export.bench.model import measure_bandwidth_gbs
 
     if provider == "cpu":
         return measure_bandwidth_gbs(megabytes), "onnxruntime CPU MatMul (1,K)@(K,N)"
@@ -74,7 +75,8 @@ def bench_scan(provider: str, shapes, repeats: int) -> list[dict]:
     the eager ones on the same device."""
     import torch
 
-    from scan_export.bench import BASELINE, median_ms
+    from scan_export.bench.common import median_ms
+    from scan_export.bench.scan import BASELINE
     from scan_export.onnx.export import save_model
     from scan_export.onnx.scan_model import ScanModelSpec, build_scan_model
     from scan_export.reference import DEFAULT_CHUNK_SIZE, selective_scan_chunked, selective_scan_ref
@@ -123,17 +125,18 @@ def bench_model(provider: str, model_type: str, config: str, prefill_len: int, d
     import transformers
 
     from scan_export import tiny
-    from scan_export.bench import HF_CLASS, MODEL_CONFIGS, interleaved_ms
+    from scan_export.bench.common import interleaved_ms
+    from scan_export.reference.models.families import get as family_of
     from scan_export.onnx.model_export import export_model
     from scan_export.runtime.binding import BoundDecoder, PlainDecoder
-    from scan_export.runtime.generate import ExportedMamba
+    from scan_export.runtime.generate import ExportedModel
 
     device = "cuda" if provider == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        params = getattr(tiny, MODEL_CONFIGS[model_type, config])
+        params = family_of(model_type).bench_configs[config]
         ckpt = tiny.make_tiny_checkpoint(Path(tmp) / "ckpt", model_type, sharpen=False, **params)
-        ours = ExportedMamba(export_model(ckpt, Path(tmp) / "export"), provider)
-        hf = getattr(transformers, HF_CLASS[model_type]).from_pretrained(str(ckpt)).eval().to(device)
+        ours = ExportedModel(export_model(ckpt, Path(tmp) / "export"), provider)
+        hf = getattr(transformers, family_of(model_type).hf_class).from_pretrained(str(ckpt)).eval().to(device)
         ids = np.random.default_rng(0).integers(0, ours.vocab_size, (1, prefill_len))
         ids_t = torch.from_numpy(ids).to(device)
 
@@ -158,7 +161,7 @@ def bench_model(provider: str, model_type: str, config: str, prefill_len: int, d
             return times
 
         def hf_steps():
-            # As bench.py: transformers' own generate loop, a streamer stamping each token (synchronised
+            # As bench/model.py: transformers' own generate loop, a streamer stamping each token (synchronised
             # first, so that a stamp is the token's real arrival on CUDA).
             stamps = []
 
@@ -203,7 +206,7 @@ def summarize(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from scan_export.bench import SCAN_SHAPES
+    from scan_export.bench.scan import SCAN_SHAPES
 
     if argv is None:
         argv = sys.argv[1:]
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--provider", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny shapes and models, one rep: checks the script, times nothing")
-    p.add_argument("--model-types", default="mamba", help="comma-separated, from scan_export.bench's MODEL_CONFIGS")
+    p.add_argument("--model-types", default="mamba", help="comma-separated, with bench shapes (their Family.bench_configs)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.provider == "cuda":

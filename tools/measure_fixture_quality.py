@@ -69,7 +69,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from scan_export.onnx.model_export import export_model
-    from scan_export.runtime import ExportedMamba
+    from scan_export.runtime import ExportedModel
     from scan_export.runtime.quality import bits_per_byte, greedy_agreement
 
     held = (args.fixtures / "bytes-heldout.txt").read_bytes()
@@ -88,7 +88,7 @@ def main(argv=None):
         for name, bits in (("int8", 8), ("int4", 4)):
             dirs[name] = quantize_by_hand(dirs["fp32"], args.work / f"{model_type}-{name}", bits, args.block_size,
                                           args.accuracy_level, args.symmetric)
-        models = {k: ExportedMamba(v, threads=args.threads) for k, v in dirs.items()}
+        models = {k: ExportedModel(v, threads=args.threads) for k, v in dirs.items()}
         base = None
         for dtype, model in models.items():
             bpb = bits_per_byte(model, held)
