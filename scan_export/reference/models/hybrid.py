@@ -45,7 +45,7 @@ class HybridLM(nn.Module):
         if len(cache) != sum(counts):
             raise ScanExportError(f"expected {sum(counts)} cache tensors (cache_layout), got {len(cache)}")
         l = input_ids.shape[1]
-        x = self.model.embed_tokens(input_ids)
+        embeddings = x = self.model.embed_tokens(input_ids)
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
         allowed = rope = None
@@ -55,13 +55,18 @@ class HybridLM(nn.Module):
                 rope = self.rotary(positions_from_mask(attention_mask, l), x.dtype)
         present, at = [], 0
         for layer, n in zip(self.model.layers, counts):
-            x, new = layer(x, cache[at:at + n], allowed, rope)
+            x, new = self.run_layer(layer, x, embeddings, cache[at:at + n], allowed, rope)
             present += new
             at += n
         logits = self.lm_head(getattr(self.model, self.final_norm_name)(x))
         if cfg.logits_scaling != 1.0:
             logits = logits / cfg.logits_scaling
         return (logits, *present)
+
+    def run_layer(self, layer, x, embeddings, cache, allowed, rope):
+        """One layer: (x, its new cache tensors). embeddings (b, l, hidden) is the embedding output,
+        for a family whose layers also read it (Zamba2's hybrid layers); the rest ignore it."""
+        return layer(x, cache, allowed, rope)
 
     def zero_state(self, batch: int, dtype=None, past_seqlen: int = 0) -> list[torch.Tensor]:
         """The cache a new sequence starts from: zero Mamba states, KV caches of past_seqlen zeros

@@ -41,7 +41,7 @@ from torch import nn
 
 from ....errors import ScanExportError
 from .registry import SSD, Family, register
-from ..attention import Attention, allowed_keys, positions_from_mask
+from ..attention import Attention
 from ..config import HYBRID_SCHEMA, MAMBA2, PARALLEL, AttentionDims, HybridConfig, Mamba2Dims, eos_id, json_float, rope_spec
 from ..hybrid import HybridLM
 from ..mamba_mixers import Mamba2Mixer
@@ -256,28 +256,13 @@ class Zamba2LM(HybridLM):
 
         super().__init__(cfg, make_layer)
 
-    def forward(self, input_ids, attention_mask, *cache):
-        """HybridLM.forward, with the embeddings handed to every hybrid layer (transformers' original_hidden_states)."""
-        cfg = self.cfg
-        counts = [len(tensors) for _, _, tensors in cfg.cache_layout()]
-        if len(cache) != sum(counts):
-            raise ScanExportError(f"expected {sum(counts)} cache tensors (cache_layout), got {len(cache)}")
-        l = input_ids.shape[1]
-        embeddings = x = self.model.embed_tokens(input_ids)
-        allowed = rope = None
-        if self.has_attention:
-            allowed = allowed_keys(attention_mask, l)
-            if self.rotary is not None:
-                rope = self.rotary(positions_from_mask(attention_mask, l), x.dtype)
-        present, at = [], 0
-        for layer, n in zip(self.model.layers, counts):
-            if isinstance(layer, HybridLayer):
-                x, new = layer(x, embeddings, cache[at:at + n], allowed, rope)
-            else:
-                x, *new = layer(x, *cache[at:at + n])
-            present += new
-            at += n
-        return (self.lm_head(self.model.final_layernorm(x)), *present)
+    def run_layer(self, layer, x, embeddings, cache, allowed, rope):
+        """The hybrid layers take the embeddings too (transformers' original_hidden_states); the Mamba
+        layers are called as Mamba mixers are, (x, *state)."""
+        if isinstance(layer, HybridLayer):
+            return layer(x, embeddings, cache, allowed, rope)
+        x, *new = layer(x, *cache)
+        return x, new
 
 
 def build(raw: dict) -> Zamba2LM:
