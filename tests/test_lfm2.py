@@ -142,7 +142,7 @@ def test_fp16_export_runs_near_fp32(ckpt, tmp_path):
     got, state = fp16.forward(ids, fp16.zero_state(2))
     assert state[0].dtype == np.float16  # the runtime hands logits back as float32; the cache stays fp16
     assert fp16.description["dtype"] == "float16"
-    # fp16 rounds every activation to 11 bits (~5e-4 each) through 4 layers; measured ~3e-3.
+    # fp16 rounds every activation to 11 bits (~5e-4 each) through 4 layers; measured 3.0e-3.
     assert rel(got, ref) < 2e-2
     assert len(generate(fp16, PROMPTS, 8)[0]) == 8
 
