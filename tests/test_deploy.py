@@ -40,11 +40,12 @@ needs_chromium = pytest.mark.skipif(
 # Hybrids: Granite, Mamba-2 then attention (KV cache from empty, attention mask), MoE, Granite
 # multipliers; Falcon-H1, Mamba-2 and attention in parallel in each layer (four cache tensors per
 # layer), every µP multiplier (tiny.TINY_FALCON_H1), one layer to keep the export short.
+# LFM2: short-conv layers (conv_state alone) between attention layers, tiny.TINY_LFM2's 4 layers.
 OVERRIDES = {"granitemoehybrid": dict(num_hidden_layers=2, layer_types=["mamba", "attention"]),
              "falcon_h1": dict(num_hidden_layers=1)}
 
 
-@pytest.fixture(scope="module", params=["mamba", "mamba2", "granitemoehybrid", "falcon_h1"])
+@pytest.fixture(scope="module", params=["mamba", "mamba2", "granitemoehybrid", "falcon_h1", "lfm2"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     ckpt = make_tiny_checkpoint(root / "ckpt", request.param, **OVERRIDES.get(request.param, {}))

@@ -10,14 +10,14 @@ scan_export.json), runtime/ (which reads it) and the Node/web hosts' tests all t
 """
 
 from .describe import cache_names, describe, describe_hybrid
-from .kinds import (ATTENTION, FFN, KIND_PARTS, KV_MEANING, LAYER_KINDS, MAMBA1, MAMBA2, PARALLEL, CacheTensor,
-                    attention_cache, io_names, mamba_cache, state_entry)
+from .kinds import (ATTENTION, FFN, KIND_PARTS, KV_MEANING, LAYER_KINDS, MAMBA1, MAMBA2, PARALLEL, SHORTCONV,
+                    CacheTensor, attention_cache, io_names, mamba_cache, shortconv_cache, state_entry)
 from .names import (ATTENTION_MASK, DESCRIPTION_FILE, DIM_NAMES, FORMAT, FORMAT_VERSION, LEGACY_FILES, LOGITS_TO_KEEP,
                     MODEL_FILE, STATE_DTYPES, SUPPORTED_VERSIONS, TOKENIZER_FILES)
 from .read import ORT_TYPES, check_graph_matches, graph_mismatch, plain_name, read_description
 
 __all__ = ["cache_names", "describe", "describe_hybrid", "ATTENTION", "FFN", "KIND_PARTS", "KV_MEANING", "LAYER_KINDS", "MAMBA1", "MAMBA2",
-           "PARALLEL", "CacheTensor", "attention_cache", "io_names", "mamba_cache", "state_entry", "ATTENTION_MASK",
+           "PARALLEL", "SHORTCONV", "CacheTensor", "attention_cache", "io_names", "mamba_cache", "shortconv_cache", "state_entry", "ATTENTION_MASK",
            "DESCRIPTION_FILE", "DIM_NAMES", "FORMAT", "FORMAT_VERSION", "LEGACY_FILES", "LOGITS_TO_KEEP", "MODEL_FILE",
            "STATE_DTYPES", "SUPPORTED_VERSIONS", "TOKENIZER_FILES", "ORT_TYPES", "check_graph_matches",
            "graph_mismatch", "plain_name", "read_description"]

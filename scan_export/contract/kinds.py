@@ -17,11 +17,13 @@ MAMBA2 = "mamba2"  # a Mamba-2 mixer: Mamba-2 layers, the Mamba layers of the Ma
 ATTENTION = "attention"  # attention with a KV cache
 PARALLEL = "mamba2+attention"  # Falcon-H1, Zamba2's hybrid layers: a Mamba-2 mixer and attention side by side
 FFN = "ffn"  # Nemotron-H's MLP / MoE layers: no cache
+SHORTCONV = "shortconv"  # LFM2's gated short convolution: a depthwise causal conv's state, no scan
 
 # Which parts of a layer config carry the kind's cache, in the graph's order: "mamba" (its Mamba
-# mixer dims) and "attention" (its attention dims); each part's cache_tensors() says what.
+# mixer dims), "attention" (its attention dims) and "shortconv" (a short convolution's dims);
+# each part's cache_tensors() says what.
 KIND_PARTS = {MAMBA1: ("mamba",), MAMBA2: ("mamba",), ATTENTION: ("attention",), PARALLEL: ("mamba", "attention"),
-              FFN: ()}
+              FFN: (), SHORTCONV: ("shortconv",)}
 LAYER_KINDS = tuple(KIND_PARTS)
 
 KV_MEANING = ("keys (after RoPE) / values of every cached position, oldest first; a new sequence starts "
@@ -49,6 +51,13 @@ _ROLES = {
 def mamba_cache(conv_shape: tuple, ssm_shape: tuple) -> list[CacheTensor]:
     """A Mamba mixer's cache: conv_state (K−1, conv_dim) in the model dtype, ssm_state float32."""
     return [CacheTensor("conv_state", tuple(conv_shape), "model"), CacheTensor("ssm_state", tuple(ssm_shape), "state")]
+
+
+def shortconv_cache(conv_shape: tuple) -> list[CacheTensor]:
+    """A short convolution's cache: conv_state (K−1, channels) alone, in the model dtype. The name is
+    the Mamba mixers' (the same tensor: the conv's last K−1 inputs, channels last), so that genai's
+    config (conv_state → past_conv_names) and the hosts bind it as they bind those."""
+    return [CacheTensor("conv_state", tuple(conv_shape), "model")]
 
 
 def attention_cache(num_kv_heads: int, head_dim: int) -> list[CacheTensor]:

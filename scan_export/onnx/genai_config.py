@@ -103,6 +103,15 @@ def genai_config(description: dict, model_file: str, checkpoint_dir) -> dict:
         attention = description["attention"]
         model["decoder"].update(num_attention_heads=attention["num_heads"], num_key_value_heads=attention["num_kv_heads"],
                                 head_size=attention["head_dim"])
+    kinds = description.get("layer_kinds") or []
+    if "shortconv" in kinds:
+        # genai's generic decoder finds recurrent layers by past_recurrent_names (ssm_state), which a
+        # short conv lacks; its "lfm2" type binds conv-only layers by past_conv_names and takes each
+        # layer's kind (its names) and the conv cache length. It allocates the state from our graph's
+        # declared shape and reads it nowhere, so our (K−1, hidden) layout serves.
+        model["type"] = "lfm2"
+        model["decoder"]["layer_types"] = ["conv" if k == "shortconv" else "full_attention" for k in kinds]
+        model["decoder"]["conv_cache_size"] = description["conv_kernel"] - 1
     if eos:
         model["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     if bos is not None:

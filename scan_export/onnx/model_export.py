@@ -151,7 +151,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
 
     from ..progress import silent
     from ..reference.models import checked_config
-    from ..reference.models.families import SSD
+    from ..reference.models.families import NO_SCAN, SSD
     from ..reference.models.families import get as family_of
     from ..reference.models.config import lower_bound_bytes
     from .export import export
@@ -172,6 +172,9 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     if lowering not in (None, "portable") and not mamba2_scans:
         raise ScanExportError(f"lowering {lowering!r} applies to Mamba-2 scans only; checkpoint {str(checkpoint_dir)!r} "
                               f"is {model_type!r}, whose scan has one lowering (leave --lowering out)")
+    if scan_form is not None and family.scan == NO_SCAN:
+        raise ScanExportError(f"scan_form applies to Mamba-1 scans only; checkpoint {str(checkpoint_dir)!r} is "
+                              f"{model_type!r}, which has no scan (leave --scan-form out)")
     if scan_form is not None and mamba2_scans:
         raise ScanExportError(f"scan_form applies to Mamba-1 scans only; checkpoint {str(checkpoint_dir)!r} is "
                               f"{model_type!r}, whose scan is always chunked (leave --scan-form out)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...contract.kinds import ATTENTION, MAMBA1, PARALLEL
+from ...contract.kinds import ATTENTION, MAMBA1, PARALLEL, SHORTCONV
 
 
 def cache_states(cache, description: dict) -> list[np.ndarray]:
@@ -15,6 +15,10 @@ def cache_states(cache, description: dict) -> list[np.ndarray]:
     out = []
     for entry in description["state"]:
         layer, kind = entry["layer"], entry["kind"]
+        if kind == SHORTCONV:
+            # LFM2's short conv: HF keeps (b, hidden, L_cache), we keep the last K−1 columns channels-last.
+            out.append(cache.get_conv_state(layer).double().numpy()[..., 1:].transpose(0, 2, 1))
+            continue
         if kind != ATTENTION:
             # HF keeps (b, d, K), we keep the last K−1 columns channels-last: (b, K−1, d).
             conv = cache.get_conv_state(layer).double().numpy()[..., 1:].transpose(0, 2, 1)
