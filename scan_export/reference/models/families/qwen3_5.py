@@ -28,12 +28,14 @@ from ...custom_ops import causal_conv
 from .registry import TINY_HYBRID, Family, register
 from ..activations import ACTIVATIONS
 from ..attention import apply_rope
-from ..config import ATTENTION, HYBRID_SCHEMA, MAX_SMALL, AttentionDims, HybridConfig, eos_id, rope_spec
+from ..config import (ATTENTION, HYBRID_SCHEMA, MAX_SMALL, AttentionDims, HybridConfig, check_schema, eos_id,
+                      rope_spec)
 from ..hf_fields import attention_heads, check_activation
 from ..hybrid import HybridLM
 from ..mlp import GatedMLP
 
-MODEL_TYPE, MULTIMODAL_TYPE = "qwen3_5_text", "qwen3_5"
+MODEL_TYPE = "qwen3_5_text"
+MULTIMODAL_TYPE = "qwen3_5"
 
 SCHEMA = {**HYBRID_SCHEMA, "linear_conv_kernel_dim": ("int", 2, 64), "linear_key_head_dim": ("int", 1, MAX_SMALL),
           "linear_value_head_dim": ("int", 1, MAX_SMALL), "linear_num_key_heads": ("int", 1, MAX_SMALL),
@@ -91,6 +93,8 @@ def text_config(raw: dict) -> dict:
     if not isinstance(text, dict):
         raise ScanExportError(f"field 'text_config': expected the language model's config (an object), got "
                               f"{type(text).__name__}")
+    # the schema's fields live in text_config here, so the top-level check saw none of them
+    check_schema(text, SCHEMA)
     return {"tie_word_embeddings": raw.get("tie_word_embeddings", False), **text, "model_type": MODEL_TYPE}
 
 
@@ -297,3 +301,16 @@ FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="Qwen3_5ForCausalLM", c
                          schema=SCHEMA, config_from_hf=config_from_hf, build=build, scan="gated_delta",
                          tiny=TINY_QWEN3_5, renames=RENAMES, sharpened=SHARPENED, hf_states=hf_states,
                          bench_configs={"tiny": TINY_QWEN3_5}))
+
+# The released checkpoints: the language model above under model.language_model., a vision tower
+# beside it (model.visual., not read). The tiny one has a two-block vision tower so that
+# transformers can build Qwen3_5ForConditionalGeneration, the verify referee.
+TINY_QWEN3_5_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=4, num_position_embeddings=64)
+TINY_QWEN3_5_MULTIMODAL = dict(text_config=TINY_QWEN3_5, vision_config=TINY_QWEN3_5_VISION, tie_word_embeddings=False)
+
+MULTIMODAL_FAMILY = register(Family(model_type=MULTIMODAL_TYPE, hf_class="Qwen3_5ForConditionalGeneration",
+                                    config_class="Qwen3_5Config", schema={}, config_from_hf=config_from_hf,
+                                    build=build, scan="gated_delta", tiny=TINY_QWEN3_5_MULTIMODAL,
+                                    renames=MULTIMODAL_RENAMES, sharpened=SHARPENED, hf_states=hf_states,
+                                    num_layers=lambda raw: text_config(raw).get("num_hidden_layers")))
