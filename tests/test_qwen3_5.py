@@ -119,3 +119,88 @@ def test_unknown_layer_type_is_refused(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ScanExportError, match="field 'layer_types': layer 2 is 'sliding_attention'"):
         load_model(ckpt)
+
+
+def test_fp16_export_runs_near_transformers(exported, tmp_path):
+    ckpt, _, hf, _ = exported
+    model = ExportedModel(export_model(ckpt, tmp_path / "e", dtype="fp16"))
+    ids = np.random.default_rng(5).integers(0, model.vocab_size, (2, 9))
+    logits, state = model.forward(ids, model.zero_state(2))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids), attention_mask=torch.ones(2, 9, dtype=torch.long)).logits.numpy()
+    rel = np.abs(logits.astype(np.float64) - ref).max() / np.abs(ref).max()
+    # fp16 weights and activations (the delta-rule state stays float32): 11-bit mantissas over 4 layers
+    assert rel < 2e-2, f"fp16 logits rel error {rel:.2e}"
+    assert state[0].dtype == np.float16 and state[1].dtype == np.float32
+    assert len(generate(model, PROMPTS[:1], 8)[0]) == 8
+
+
+def test_int4_export_runs(exported, tmp_path):
+    """The int4 scheme's arithmetic is checked against numpy in test_quantize.py; here: the DeltaNet
+    and gated-attention projections quantize and the export runs. Logits are not compared with fp32:
+    on this random, sharpened model 4-bit weights move them by ~80% (measured), as any perturbation would."""
+    ckpt, _, _, _ = exported
+    out = export_model(ckpt, tmp_path / "e", quantize="int4")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) >= 10
+    model = ExportedModel(out)
+    logits, _ = model.forward(np.array([[5, 6, 7]]), model.zero_state(1))
+    assert np.isfinite(logits).all() and len(generate(model, PROMPTS[:1], 8)[0]) == 8
+
+
+def test_genai_target_generates_our_tokens(tmp_path):
+    from .test_genai import GENAI_MISSING, HYBRID_TOKENS, N_TOKENS, PROMPTS as GENAI_PROMPTS, with_special_tokens
+    if GENAI_MISSING:
+        pytest.skip(GENAI_MISSING)
+    from scan_export.runtime.genai import GenaiModel, generate_genai
+
+    ckpt = with_special_tokens(make_tiny_checkpoint(tmp_path / "ckpt", "qwen3_5_text"), HYBRID_TOKENS)
+    out = export_model(ckpt, tmp_path / "export", target="genai")
+    ours, theirs = ExportedModel(out), GenaiModel(out)
+    want = [generate(ours, [p], N_TOKENS)[0] for p in GENAI_PROMPTS]
+    assert all(len(t) == N_TOKENS and 250 not in t for t in want)  # nothing stopped early
+    for prompt, tokens in zip(GENAI_PROMPTS, want):
+        assert generate_genai(theirs, [prompt], N_TOKENS) == [tokens]
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory):
+    """The released layout: config.json with text_config (+ vision_config), the language model's
+    weights under model.language_model., a vision tower under model.visual. (transformers'
+    Qwen3_5ForConditionalGeneration save_pretrained)."""
+    root = tmp_path_factory.mktemp("qwen3_5_mm")
+    ckpt = make_tiny_checkpoint(root / "ckpt", "qwen3_5")
+    hf = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(str(ckpt)).eval()
+    return ckpt, export_model(ckpt, root / "export"), hf
+
+
+@pytest.mark.parametrize("seqlen", [1, 64])
+def test_multimodal_checkpoint_exports_its_language_model(multimodal, seqlen):
+    ckpt, out, hf = multimodal
+    desc = json.loads((out / DESCRIPTION_FILE).read_text())
+    assert [i["name"] for i in desc["inputs"]][:2] == ["input_ids", "attention_mask"]  # tokens only, no pixels
+    assert_logits_match(hf, ExportedModel(out), seqlen)
+
+
+def test_multimodal_verify_passes(multimodal):
+    ckpt, out, _ = multimodal
+    report = verify_export(out, ckpt, n_tokens=8, n_prompts=1)
+    assert report.passed, report.format()
+
+
+def test_refused_configs_exit_2_with_one_line(tmp_path, capsys):
+    from scan_export.cli import main
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "qwen3_5_text")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "linear_num_value_heads": 3}))
+    assert main(["export-model", str(ckpt), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "linear_num_value_heads" in err and "multiple of linear_num_key_heads (2), got 3" in err
+    assert len(err.splitlines()) == 1
+    mm = make_tiny_checkpoint(tmp_path / "mm", "qwen3_5")
+    cfg = json.loads((mm / "config.json").read_text())
+    (mm / "config.json").write_text(json.dumps({**cfg, "text_config": {**cfg["text_config"], "linear_key_head_dim": 0}}))
+    assert main(["export-model", str(mm), "--out", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'linear_key_head_dim'" in err and len(err.splitlines()) == 1

@@ -99,6 +99,7 @@ def text_config(raw: dict) -> dict:
 
 
 def config_from_hf(raw: dict) -> Qwen35Config:
+    model_type = raw.get("model_type", MODEL_TYPE)  # scan_export.json names the checkpoint's type
     raw = text_config(raw)
     check_activation(raw)
     n = raw["num_hidden_layers"]
@@ -128,7 +129,7 @@ def config_from_hf(raw: dict) -> Qwen35Config:
         raise ScanExportError(f"field 'linear_num_value_heads': expected a multiple of linear_num_key_heads "
                               f"({gdn.num_k_heads}), got {gdn.num_v_heads}")
     return Qwen35Config(
-        model_type=MODEL_TYPE, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_hidden_layers=n,
+        model_type=model_type, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_hidden_layers=n,
         layer_types=tuple(kinds), rms_norm_eps=eps, mamba=gdn, gated_deltanet=gdn,
         attention=AttentionDims(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, scaling=head_dim ** -0.5,
                                 bias=bool(raw.get("attention_bias", False)), rope=rope_spec(raw, head_dim, partial)),
