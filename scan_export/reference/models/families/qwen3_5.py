@@ -25,7 +25,7 @@ from ....contract.kinds import GATED_DELTANET, CacheTensor
 from ....errors import ScanExportError
 from ...gated_delta_export import gated_delta_rule
 from ...custom_ops import causal_conv
-from .registry import TINY_HYBRID, Family, register
+from .registry import GATED_DELTA, Family, register
 from ..activations import ACTIVATIONS
 from ..attention import apply_rope
 from ..config import (ATTENTION, HYBRID_SCHEMA, MAX_SMALL, AttentionDims, HybridConfig, check_schema, eos_id,
@@ -299,7 +299,7 @@ SHARPENED = ("_proj.weight", "in_proj_qkv.weight", "in_proj_z.weight", "in_proj_
              "embed_tokens.weight", "lm_head.weight")
 
 FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="Qwen3_5ForCausalLM", config_class="Qwen3_5TextConfig",
-                         schema=SCHEMA, config_from_hf=config_from_hf, build=build, scan="gated_delta",
+                         schema=SCHEMA, config_from_hf=config_from_hf, build=build, scan=GATED_DELTA,
                          tiny=TINY_QWEN3_5, renames=RENAMES, sharpened=SHARPENED, hf_states=hf_states,
                          bench_configs={"tiny": TINY_QWEN3_5}))
 
@@ -310,8 +310,11 @@ TINY_QWEN3_5_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_he
                            patch_size=4, num_position_embeddings=64)
 TINY_QWEN3_5_MULTIMODAL = dict(text_config=TINY_QWEN3_5, vision_config=TINY_QWEN3_5_VISION, tie_word_embeddings=False)
 
+# the top level's own fields; text_config's are checked against SCHEMA as it is read (text_config())
+MULTIMODAL_SCHEMA = {"tie_word_embeddings": ("bool", None, None)}
 MULTIMODAL_FAMILY = register(Family(model_type=MULTIMODAL_TYPE, hf_class="Qwen3_5ForConditionalGeneration",
-                                    config_class="Qwen3_5Config", schema={}, config_from_hf=config_from_hf,
-                                    build=build, scan="gated_delta", tiny=TINY_QWEN3_5_MULTIMODAL,
+                                    config_class="Qwen3_5Config",
+                                    schema=MULTIMODAL_SCHEMA, config_from_hf=config_from_hf,
+                                    build=build, scan=GATED_DELTA, tiny=TINY_QWEN3_5_MULTIMODAL,
                                     renames=MULTIMODAL_RENAMES, sharpened=SHARPENED, hf_states=hf_states,
                                     num_layers=lambda raw: text_config(raw).get("num_hidden_layers")))

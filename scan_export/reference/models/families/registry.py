@@ -12,6 +12,8 @@ from ..hf_cache import cache_states
 # which scan a family's Mamba layers export: the selective scan (Mamba-1: one lowering, --scan-form
 # chooses sequential or chunked) or SSD (Mamba-2: always chunked, --lowering chooses portable or native)
 SELECTIVE_SCAN, SSD = "selective_scan", "ssd"
+# the Gated DeltaNet's delta rule (Qwen3.5, Qwen3-Next): one lowering, a Scan over time (gated_delta_export)
+GATED_DELTA = "gated_delta"
 
 # the tiny checkpoints' sharpened parameters (tiny.make_tiny_checkpoint), by name suffix: every matrix of
 # a hybrid (projections, MLPs, experts, router, embeddings), never the norms, conv or scan parameters
@@ -35,7 +37,7 @@ class Family:
     schema: dict  # config.json fields checked before anything is built (config.check_schema)
     config_from_hf: Callable  # config.json's dict -> our config
     build: Callable  # config.json's dict -> the (unloaded) model
-    scan: str  # SELECTIVE_SCAN or SSD
+    scan: str  # SELECTIVE_SCAN, SSD or GATED_DELTA
     tiny: dict  # the tiny checkpoint's config (tiny.make_tiny_checkpoint with defaults)
     hybrid: bool = True  # a HybridLM (attention_mask and cache_layout I/O); False: a MambaLM
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint name -> our name, substring replacements
