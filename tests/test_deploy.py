@@ -39,12 +39,14 @@ needs_chromium = pytest.mark.skipif(
 
 # Hybrids: Granite, Mamba-2 then attention (KV cache from empty, attention mask), MoE, Granite
 # multipliers; Falcon-H1, Mamba-2 and attention in parallel in each layer (four cache tensors per
-# layer), every µP multiplier (tiny.TINY_FALCON_H1), one layer to keep the export short.
+# layer), every µP multiplier (tiny.TINY_FALCON_H1), one layer to keep the export short; Qwen3.5,
+# a Gated DeltaNet layer (an ONNX Scan, conv_state + ssm_state) then gated attention.
 OVERRIDES = {"granitemoehybrid": dict(num_hidden_layers=2, layer_types=["mamba", "attention"]),
-             "falcon_h1": dict(num_hidden_layers=1)}
+             "falcon_h1": dict(num_hidden_layers=1),
+             "qwen3_5_text": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])}
 
 
-@pytest.fixture(scope="module", params=["mamba", "mamba2", "granitemoehybrid", "falcon_h1"])
+@pytest.fixture(scope="module", params=["mamba", "mamba2", "granitemoehybrid", "falcon_h1", "qwen3_5_text"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     ckpt = make_tiny_checkpoint(root / "ckpt", request.param, **OVERRIDES.get(request.param, {}))
