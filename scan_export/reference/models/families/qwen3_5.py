@@ -300,8 +300,7 @@ SHARPENED = ("_proj.weight", "in_proj_qkv.weight", "in_proj_z.weight", "in_proj_
 
 FAMILY = register(Family(model_type=MODEL_TYPE, hf_class="Qwen3_5ForCausalLM", config_class="Qwen3_5TextConfig",
                          schema=SCHEMA, config_from_hf=config_from_hf, build=build, scan=GATED_DELTA,
-                         tiny=TINY_QWEN3_5, renames=RENAMES, sharpened=SHARPENED, hf_states=hf_states,
-                         bench_configs={"tiny": TINY_QWEN3_5}))
+                         tiny=TINY_QWEN3_5, renames=RENAMES, sharpened=SHARPENED, hf_states=hf_states))
 
 # The released checkpoints: the language model above under model.language_model., a vision tower
 # beside it (model.visual., not read). The tiny one has a two-block vision tower so that
