@@ -184,20 +184,26 @@ class GatedDeltaNet(nn.Module):
         self.norm = NormThenGate(d.head_v_dim, d.eps)
         self.out_proj = nn.Linear(d.value_dim, d.hidden_size, bias=False)
 
+    def projections(self, x):
+        """x: (b, l, hidden) -> qkv (b, l, conv_dim) in the conv's channel order [q | k | v], z (b, l, h·dv),
+        b and a (b, l, h) (Qwen3-Next overrides this: its projections are fused per key head)."""
+        return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+
     def forward(self, x, conv_state, ssm_state):
         """x: (b, l, hidden), conv_state: (b, K−1, conv_dim), ssm_state: (b, h, dk, dv) float32"""
         d = self.dims
         b, l, _ = x.shape
-        qkv, conv_state = causal_conv(self.in_proj_qkv(x), conv_state, self.conv1d.weight, None)
+        qkv, z, b_logit, a = self.projections(x)
+        qkv, conv_state = causal_conv(qkv, conv_state, self.conv1d.weight, None)
         q, k, v = ACTIVATIONS[d.hidden_act](qkv).split([d.key_dim, d.key_dim, d.value_dim], dim=-1)
         q = q.reshape(b, l, d.num_k_heads, d.head_k_dim)
         k = k.reshape(b, l, d.num_k_heads, d.head_k_dim)
         v = v.reshape(b, l, d.num_v_heads, d.head_v_dim)
-        beta = self.in_proj_b(x).sigmoid()
+        beta = b_logit.sigmoid()
         # float32 as transformers: in fp16, exp(A_log) · softplus could overflow to −inf
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         o, ssm_state = gated_delta_rule(q, k, v, g, beta, initial_state=ssm_state, use_qk_l2norm=True)
-        z = self.in_proj_z(x).reshape(b, l, d.num_v_heads, d.head_v_dim)
+        z = z.reshape(b, l, d.num_v_heads, d.head_v_dim)
         y = self.norm(o.to(x.dtype), z).reshape(b, l, d.value_dim)
         return self.out_proj(y), conv_state, ssm_state.float()
 
