@@ -241,6 +241,9 @@ def read_checkpoint_config(checkpoint_dir, description: dict, export_dir) -> dic
     if family is not None and family.num_layers is not None:
         # a family whose layer count is not num_hidden_layers (Nemotron-H's: its layer pattern's length)
         got = {**cfg, "num_hidden_layers": family.layer_count(cfg)}
+    if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
+        # a multimodal checkpoint (qwen3_5) exported as its language model: text_config's sizes
+        got = {**cfg["text_config"], **got, "num_hidden_layers": got.get("num_hidden_layers")}
     for ours, theirs in (("model_type", "model_type"), ("num_layers", "num_hidden_layers"),
                          ("vocab_size", "vocab_size"), ("hidden_size", "hidden_size")):
         if ours in description and got.get(theirs) != description[ours]:

@@ -41,11 +41,13 @@ needs_chromium = pytest.mark.skipif(
 # multipliers; Falcon-H1, Mamba-2 and attention in parallel in each layer (four cache tensors per
 # layer), every µP multiplier (tiny.TINY_FALCON_H1), one layer to keep the export short.
 # LFM2: short-conv layers (conv_state alone) between attention layers, tiny.TINY_LFM2's 4 layers.
+# Qwen3.5: a Gated DeltaNet layer (an ONNX Scan, conv_state + ssm_state) then gated attention.
 OVERRIDES = {"granitemoehybrid": dict(num_hidden_layers=2, layer_types=["mamba", "attention"]),
-             "falcon_h1": dict(num_hidden_layers=1)}
+             "falcon_h1": dict(num_hidden_layers=1),
+             "qwen3_5_text": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])}
 
 
-@pytest.fixture(scope="module", params=["mamba", "mamba2", "granitemoehybrid", "falcon_h1", "lfm2"])
+@pytest.fixture(scope="module", params=["mamba", "mamba2", "granitemoehybrid", "falcon_h1", "lfm2", "qwen3_5_text"])
 def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     ckpt = make_tiny_checkpoint(root / "ckpt", request.param, **OVERRIDES.get(request.param, {}))

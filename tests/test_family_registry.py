@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from scan_export import cli, family_names  # noqa: E402
-from scan_export.reference.models.families import (NO_SCAN, SELECTIVE_SCAN, SSD, TINY_HYBRID, Family, families, get,  # noqa: E402
+from scan_export.reference.models.families import (GATED_DELTA, NO_SCAN, SELECTIVE_SCAN, SSD, TINY_HYBRID, Family, families, get,  # noqa: E402
                                                    model_types, register, unregister)
 from scan_export.reference.models.families import bamba  # noqa: E402
 from scan_export.reference.models.hybrid import HybridLM  # noqa: E402
@@ -28,7 +28,7 @@ def test_every_family_declares_every_field():
     for family in families():
         for name in required:
             assert getattr(family, name) not in (None, "", {}, ()), f"{family.model_type}: {name} is empty"
-        assert family.scan in (SELECTIVE_SCAN, SSD, NO_SCAN)
+        assert family.scan in (SELECTIVE_SCAN, SSD, GATED_DELTA, NO_SCAN)
         assert family.sharpened and callable(family.hf_states)
         assert hasattr(transformers, family.hf_class) and hasattr(transformers, family.config_class)
         assert all(isinstance(c, dict) and c for c in family.bench_configs.values())

@@ -18,12 +18,14 @@ ATTENTION = "attention"  # attention with a KV cache
 PARALLEL = "mamba2+attention"  # Falcon-H1, Zamba2's hybrid layers: a Mamba-2 mixer and attention side by side
 FFN = "ffn"  # Nemotron-H's MLP / MoE layers: no cache
 SHORTCONV = "shortconv"  # LFM2's gated short convolution: a depthwise causal conv's state, no scan
+GATED_DELTANET = "gated_deltanet"  # Qwen3.5 / Qwen3-Next linear-attention layers: a short conv and a delta-rule state
 
 # Which parts of a layer config carry the kind's cache, in the graph's order: "mamba" (its Mamba
 # mixer dims), "attention" (its attention dims) and "shortconv" (a short convolution's dims);
 # each part's cache_tensors() says what.
 KIND_PARTS = {MAMBA1: ("mamba",), MAMBA2: ("mamba",), ATTENTION: ("attention",), PARALLEL: ("mamba", "attention"),
-              FFN: (), SHORTCONV: ("shortconv",)}
+              FFN: (), SHORTCONV: ("shortconv",),
+              GATED_DELTANET: ("gated_deltanet",)}
 LAYER_KINDS = tuple(KIND_PARTS)
 
 KV_MEANING = ("keys (after RoPE) / values of every cached position, oldest first; a new sequence starts "
@@ -71,9 +73,19 @@ def io_names(layer: int, tensor: str) -> tuple[str, str]:
     return f"{_ROLES[tensor][0]}.{layer}.{tensor}", f"present.{layer}.{tensor}"
 
 
-def tensor_entry(layer: int, t: CacheTensor, dtype: str) -> dict:
-    """scan_export.json's description of one cache tensor (dtype: the export's)."""
+# A tensor name a kind reuses with another content: its meaning for that kind. The names stay
+# conv_state / ssm_state so that genai's config and the hosts map them with no new code.
+_KIND_MEANINGS = {
+    (GATED_DELTANET, "ssm_state"): "the delta-rule state S: (heads, d_k, d_v), transformers' layout; "
+                                   "o = qᵀS, S' = α·S + k ⊗ (βv − αβ·kᵀS)",
+}
+
+
+def tensor_entry(layer: int, t: CacheTensor, dtype: str, kind: str | None = None) -> dict:
+    """scan_export.json's description of one cache tensor (dtype: the export's; kind: the layer's,
+    for the names a kind gives another meaning)."""
     prefix, init, meaning = _ROLES[t.name]
+    meaning = _KIND_MEANINGS.get((kind, t.name), meaning)
     inp, out = io_names(layer, t.name)
     entry = {"input": inp, "output": out, "shape": ["batch", *t.shape]}
     if "past_seqlen" in t.shape:
@@ -87,4 +99,4 @@ def tensor_entry(layer: int, t: CacheTensor, dtype: str) -> dict:
 
 def state_entry(layer: int, kind: str, tensors: list[CacheTensor], dtype: str) -> dict:
     """scan_export.json's `state` entry of one layer: {"layer", "kind", tensor name: tensor_entry}."""
-    return {"layer": layer, "kind": kind, **{t.name: tensor_entry(layer, t, dtype) for t in tensors}}
+    return {"layer": layer, "kind": kind, **{t.name: tensor_entry(layer, t, dtype, kind) for t in tensors}}

@@ -151,7 +151,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
 
     from ..progress import silent
     from ..reference.models import checked_config
-    from ..reference.models.families import NO_SCAN, SSD
+    from ..reference.models.families import GATED_DELTA, NO_SCAN, SELECTIVE_SCAN, SSD
     from ..reference.models.families import get as family_of
     from ..reference.models.config import lower_bound_bytes
     from .export import export
@@ -172,12 +172,11 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
     if lowering not in (None, "portable") and not mamba2_scans:
         raise ScanExportError(f"lowering {lowering!r} applies to Mamba-2 scans only; checkpoint {str(checkpoint_dir)!r} "
                               f"is {model_type!r}, whose scan has one lowering (leave --lowering out)")
-    if scan_form is not None and family.scan == NO_SCAN:
+    if scan_form is not None and family.scan != SELECTIVE_SCAN:
+        why = {SSD: "whose scan is always chunked", NO_SCAN: "which has no scan",
+               GATED_DELTA: "whose delta rule has one export form"}[family.scan]
         raise ScanExportError(f"scan_form applies to Mamba-1 scans only; checkpoint {str(checkpoint_dir)!r} is "
-                              f"{model_type!r}, which has no scan (leave --scan-form out)")
-    if scan_form is not None and mamba2_scans:
-        raise ScanExportError(f"scan_form applies to Mamba-1 scans only; checkpoint {str(checkpoint_dir)!r} is "
-                              f"{model_type!r}, whose scan is always chunked (leave --scan-form out)")
+                              f"{model_type!r}, {why} (leave --scan-form out)")
     lowering = lowering or "portable"
     scan_form = scan_form or DEFAULT_SCAN_FORM
     tgt = resolve_target(target, opset, lowering=lowering)
@@ -256,7 +255,7 @@ def export_model(checkpoint_dir, out_dir, *, dtype: str = "fp32", target: str = 
             description["quantization"] = record
             progress("quantizing", 1, 1)
         description["lowering"] = lowering
-        if not mamba2_scans:
+        if family.scan == SELECTIVE_SCAN:
             description["scan_form"] = scan_form
         if tgt.genai:
             genai = genai_config(description, MODEL_FILE, checkpoint_dir)

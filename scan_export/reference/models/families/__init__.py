@@ -11,9 +11,9 @@ lookup here, after these. Family and the table live in registry.py, which import
 from __future__ import annotations
 
 # the family files, in listing order (isort: skip; the order is the meaning)
-from . import mamba, bamba, granitemoehybrid, nemotron_h, falcon_h1, jamba, zamba2, lfm2  # noqa: F401, I001
-from .registry import (HYBRID_SHARPENED, NO_SCAN, SELECTIVE_SCAN, SSD, TINY_HYBRID, Family, register, registered,  # noqa: F401
-                       unregister)
+from . import mamba, bamba, granitemoehybrid, nemotron_h, falcon_h1, jamba, zamba2, lfm2, qwen3_5, qwen3_next  # noqa: F401, I001
+from .registry import (GATED_DELTA, HYBRID_SHARPENED, NO_SCAN, SELECTIVE_SCAN, SSD, TINY_HYBRID, Family,  # noqa: F401
+                       register, registered, unregister)
 
 
 def families() -> tuple[Family, ...]:

@@ -14,6 +14,8 @@ from ..hf_cache import cache_states
 SELECTIVE_SCAN, SSD = "selective_scan", "ssd"
 # a family without a Mamba scan (LFM2's short convolutions): neither --lowering nor --scan-form applies
 NO_SCAN = "none"
+# the Gated DeltaNet's delta rule (Qwen3.5, Qwen3-Next): one lowering, a Scan over time (gated_delta_export)
+GATED_DELTA = "gated_delta"
 
 # the tiny checkpoints' sharpened parameters (tiny.make_tiny_checkpoint), by name suffix: every matrix of
 # a hybrid (projections, MLPs, experts, router, embeddings), never the norms, conv or scan parameters
@@ -37,7 +39,7 @@ class Family:
     schema: dict  # config.json fields checked before anything is built (config.check_schema)
     config_from_hf: Callable  # config.json's dict -> our config
     build: Callable  # config.json's dict -> the (unloaded) model
-    scan: str  # SELECTIVE_SCAN, SSD or NO_SCAN
+    scan: str  # SELECTIVE_SCAN, SSD, GATED_DELTA or NO_SCAN
     tiny: dict  # the tiny checkpoint's config (tiny.make_tiny_checkpoint with defaults)
     hybrid: bool = True  # a HybridLM (attention_mask and cache_layout I/O); False: a MambaLM
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint name -> our name, substring replacements
