@@ -62,15 +62,17 @@ def quantize_reference(w: np.ndarray, bits: int, block: int) -> np.ndarray:
     return ((q - half) * scale).reshape(kb * block, n)[:k].astype(np.float32)
 
 
-def reference_export(fp32_dir, bits, out_dir):
+def reference_export(fp32_dir, bits, out_dir, tied: bool = True):
     """The fp32 export with every weight MatMul's B, and the tied table (rows = the lm_head's outputs,
-    blocked along hidden), replaced by quantize_reference's dequantized values: still an fp32 graph."""
+    blocked along hidden), replaced by quantize_reference's dequantized values: still an fp32 graph.
+    tied=False: an untied model, whose embedding table stays fp32 (only MatMul weights quantize)."""
     shutil.copytree(fp32_dir, out_dir)
     model = onnx.load(str(out_dir / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     transposed = {n.input[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits}
     weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    assert len(transposed & {n.input[0] for n in model.graph.node if n.op_type == "Gather"}) == 1  # the tied table
+    tables = transposed & {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    assert len(tables) == (1 if tied else 0)  # the tied table
     for name in weights | transposed:
         w = numpy_helper.to_array(inits[name])
         deq = quantize_reference(w.T, bits, BLOCK).T if name in transposed else quantize_reference(w, bits, BLOCK)

@@ -150,7 +150,7 @@ def test_int4_export_matches_the_numpy_dequantized_reference(exported, tmp_path)
     from .test_quantize import BLOCK, logits, reference_export, rel_err
 
     ckpt, fp32, _, _ = exported
-    ref = logits(reference_export(fp32, 4, tmp_path / "ref"))
+    ref = logits(reference_export(fp32, 4, tmp_path / "ref", tied=False))  # the tiny Qwen3.5 is untied
     assert rel_err(logits(fp32), ref) > 1e-3  # the reference really is quantized
     level1 = tmp_path / "level1"
     shutil.copytree(fp32, level1)
