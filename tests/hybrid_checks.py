@@ -41,6 +41,20 @@ def assert_prefill_then_decode_equals_one_prefill(model) -> None:
     np.testing.assert_allclose(np.stack(steps, 1), full[:, 30:], rtol=0, atol=1e-4 * np.abs(full).max())
 
 
+def assert_greedy_tokens_match(hf, model, cached_must_agree: bool = True) -> None:
+    """32 greedy tokens for each of PROMPTS equal transformers' full forward recomputed per token;
+    with cached_must_agree, transformers' cached generate() must agree with that full forward too
+    (checked), so the referee is unambiguous. The tokens must differ between prompts and within each
+    (not a degenerate model)."""
+    ours = generate(model, PROMPTS, 32)
+    for prompt, got in zip(PROMPTS, ours):
+        cached, full = hf_greedy(hf, prompt, 32)
+        if cached_must_agree:
+            assert cached == full
+        assert got == full
+    assert len({tuple(t) for t in ours}) == 3 and all(len(set(t)) > 4 for t in ours)
+
+
 def hf_greedy(hf, prompt, n):
     """transformers' generate (KV cache + its Mamba cache), and what its full forward picks after
     the prompt plus each prefix of those tokens. One full forward over prompt + tokens gives every

@@ -19,12 +19,12 @@ transformers = pytest.importorskip("transformers", reason="the hybrid tests comp
 
 from scan_export.errors import ScanExportError  # noqa: E402
 from scan_export.onnx.model_export import DESCRIPTION_FILE, export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
-from .hybrid_checks import (PROMPTS, assert_logits_match, assert_prefill_then_decode_equals_one_prefill,  # noqa: E402
-                            assert_ragged_equals_singles, hf_greedy)
+from .hybrid_checks import (assert_greedy_tokens_match, PROMPTS, assert_logits_match, assert_prefill_then_decode_equals_one_prefill,  # noqa: E402
+                            assert_ragged_equals_singles)
 from .test_export_module import op_histogram  # noqa: E402
 
 MODELS = {
@@ -56,14 +56,9 @@ def test_logits_match_transformers(exported, seqlen):
 
 def test_greedy_tokens_match_transformers_generate(exported):
     _, _, hf, model = exported
-    ours = generate(model, PROMPTS, 32)
-    for prompt, got in zip(PROMPTS, ours):
-        cached, full = hf_greedy(hf, prompt, 32)
-        # transformers' cached decode and its full forward agree on these models (checked here), so
-        # the referee is unambiguous.
-        assert cached == full
-        assert got == cached
-    assert len({tuple(t) for t in ours}) == 3 and all(len(set(t)) > 4 for t in ours)  # not a degenerate model
+    # transformers' cached decode and its full forward agree on these models (checked here), so
+    # the referee is unambiguous.
+    assert_greedy_tokens_match(hf, model)
 
 
 def test_ragged_batch_equals_single_prompts(exported):

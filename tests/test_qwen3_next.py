@@ -11,12 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the Qwen3-Next tests compare against transformers")
 
 from scan_export.onnx.model_export import export_model  # noqa: E402
-from scan_export.runtime.generate import ExportedModel, generate  # noqa: E402
+from scan_export.runtime.generate import ExportedModel  # noqa: E402
 from scan_export.tiny import make_tiny_checkpoint  # noqa: E402
 from scan_export.verify import verify_export  # noqa: E402
 
-from .hybrid_checks import (LOGITS_RTOL, PROMPTS, assert_prefill_then_decode_equals_one_prefill,  # noqa: E402
-                            assert_ragged_equals_singles, hf_greedy)
+from .hybrid_checks import (assert_greedy_tokens_match, LOGITS_RTOL, assert_prefill_then_decode_equals_one_prefill,  # noqa: E402
+                            assert_ragged_equals_singles)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,8 @@ def test_logits_match_transformers_float64(exported, seqlen):
 
 def test_greedy_tokens_match_transformers(exported):
     _, _, hf, model = exported
-    ours = generate(model, PROMPTS, 32)
-    for prompt, got in zip(PROMPTS, ours):
-        cached, full = hf_greedy(hf, prompt, 32)
-        assert got == full  # the full forward is the referee (its cached path is another code path)
-    assert len({tuple(t) for t in ours}) == 3 and all(len(set(t)) > 4 for t in ours)  # not a degenerate model
+    # the full forward is the referee (its cached path is another code path)
+    assert_greedy_tokens_match(hf, model, cached_must_agree=False)
 
 
 def test_ragged_batch_equals_single_prompts(exported):

@@ -27,6 +27,7 @@ from ..attention import Attention
 from ..config import HYBRID_SCHEMA, MAX_SMALL, AttentionDims, HybridConfig, eos_id, rope_spec
 from ..hf_fields import attention_heads
 from ..hybrid import HybridLM
+from ..residual_layer import MixerThenFeedForward
 from ..norms import RMSNorm
 from ...custom_ops import causal_conv
 
@@ -178,7 +179,9 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class Lfm2Layer(nn.Module):
+class Lfm2Layer(MixerThenFeedForward):
+    MIXER_NORM, MIXER, FFN_NORM, FFN = "operator_norm", "conv", "ffn_norm", "feed_forward"
+
     def __init__(self, cfg: Lfm2HybridConfig, kind: str):
         super().__init__()
         self.operator_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -188,15 +191,6 @@ class Lfm2Layer(nn.Module):
         else:
             self.self_attn = Lfm2Attention(cfg.hidden_size, cfg.attention, cfg.rms_norm_eps)
         self.feed_forward = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x, cache, allowed, rope):
-        h = self.operator_norm(x)
-        if hasattr(self, "conv"):
-            h, *cache = self.conv(h, *cache)
-        else:
-            h, *cache = self.self_attn(h, *cache, allowed, rope)
-        x = x + h
-        return x + self.feed_forward(self.ffn_norm(x)), cache
 
 
 class Lfm2LM(HybridLM):

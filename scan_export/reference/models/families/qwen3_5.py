@@ -32,6 +32,7 @@ from ..config import (ATTENTION, HYBRID_SCHEMA, MAX_SMALL, AttentionDims, Hybrid
                       rope_spec)
 from ..hf_fields import attention_heads, check_activation
 from ..hybrid import HybridLM
+from ..residual_layer import MixerThenFeedForward
 from ..mlp import GatedMLP
 
 MODEL_TYPE = "qwen3_5_text"
@@ -245,7 +246,9 @@ class GatedAttention(nn.Module):
         return self.o_proj(y * torch.sigmoid(gate.reshape(b, l, h * d))), key, value
 
 
-class Qwen35Layer(nn.Module):
+class Qwen35Layer(MixerThenFeedForward):
+    MIXER_NORM, MIXER, FFN_NORM, FFN = "input_layernorm", "linear_attn", "post_attention_layernorm", "mlp"
+
     def __init__(self, cfg: Qwen35Config, kind: str):
         super().__init__()
         self.input_layernorm = ZeroCentredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -255,15 +258,6 @@ class Qwen35Layer(nn.Module):
         else:
             self.self_attn = GatedAttention(cfg.hidden_size, cfg.attention, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x, cache, allowed, rope):
-        h = self.input_layernorm(x)
-        if hasattr(self, "linear_attn"):
-            h, *cache = self.linear_attn(h, *cache)
-        else:
-            h, *cache = self.self_attn(h, *cache, allowed, rope)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class Qwen35LM(HybridLM):
